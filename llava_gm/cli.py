@@ -1,0 +1,162 @@
+"""The `llava-gm` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .errors import LlavaGMError
+
+
+def _add_train(sub):
+    p = sub.add_parser("train", help="train one stage, or every stage of a recipe in order")
+    p.add_argument("--recipe", default="recipes/offline-default.yaml", help="recipe YAML (model + stages)")
+    p.add_argument("--output", required=True, help="folder for the checkpoints (one sub-folder per stage)")
+    p.add_argument("--stage", choices=["align", "instruct", "sparsify"], help="run only this stage of the recipe")
+    p.add_argument("--from", dest="init", help="checkpoint to start from (e.g. stage 1's output for stage 2)")
+    p.add_argument("--skip-align", action="store_true", help="skip stage 1 (LLaVA-Gemma's no-pretraining ablation)")
+    p.add_argument("--data", help="LLaVA JSON for the stage (overrides the recipe)")
+    p.add_argument("--image-folder", help="folder the data's image paths are relative to")
+    p.add_argument("--lora", action="store_true", help="stage 2 with LoRA adapters instead of the whole LM (Eve)")
+    p.add_argument("--sparse", choices=["moe", "evf"], help="stage 3 layer kind (overrides the recipe)")
+    p.add_argument("--max-samples", type=int)
+    p.add_argument("--epochs", type=float)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--grad-accum", type=int)
+    p.add_argument("--on-bad", choices=["fail", "skip"], help="bad samples: stop with an error (default) or skip and count them")
+    p.set_defaults(func=cmd_train)
+
+
+def cmd_train(a):
+    import dataclasses
+
+    from .config import RecipeConfig, load_yaml
+    from .train.run import run_stage
+
+    recipe = load_yaml(RecipeConfig, a.recipe)
+    stages = [s for s in recipe.stages if (a.stage is None or s.name == a.stage) and not (a.skip_align and s.name == "align")]
+    if not stages:
+        raise LlavaGMError(f"{a.recipe}: no stage {a.stage!r} in the recipe (it has {[s.name for s in recipe.stages]})")
+    overrides = {k: v for k, v in {"data": a.data, "image_folder": a.image_folder, "max_samples": a.max_samples, "epochs": a.epochs,
+                                   "lr": a.lr, "batch_size": a.batch_size, "grad_accum": a.grad_accum, "on_bad": a.on_bad}.items() if v is not None}
+    if a.lora:
+        overrides["lora"] = True
+    sparse = recipe.model.sparse
+    if a.sparse:
+        sparse = dataclasses.replace(sparse, kind=a.sparse)
+    base_cfg = dataclasses.replace(recipe.model, sparse=dataclasses.replace(sparse, kind="none"))
+    init = a.init
+    for stage in stages:
+        stage = dataclasses.replace(stage, **{k: v for k, v in overrides.items() if k != "lora" or stage.name == "instruct"})
+        result = run_stage(stage, Path(a.output) / stage.name, model_cfg=base_cfg, init=init, sparse=sparse)
+        init = result["checkpoint"]
+    print(f"done: {init}")
+
+
+def _add_ask(sub):
+    p = sub.add_parser("ask", help="answer one question about one image")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--image", help="image file (omit for a text-only question)")
+    p.add_argument("--question", required=True)
+    _decoding_args(p, max_new_tokens=128)
+    p.set_defaults(func=cmd_ask)
+
+
+def _decoding_args(p, max_new_tokens):
+    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+
+
+def cmd_ask(a):
+    from .infer import Answerer
+
+    image = None
+    if a.image:
+        image = _open_image(a.image)
+    answerer = Answerer.from_checkpoint(a.checkpoint)
+    prompt = f"<image>\n{a.question}" if image is not None else a.question
+    print(answerer.answer([{"prompt": prompt, "image": image}], max_new_tokens=a.max_new_tokens, temperature=a.temperature,
+                          top_p=a.top_p, seed=a.seed, progress=False)[0])
+
+
+def _open_image(path):
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except FileNotFoundError:
+        raise LlavaGMError(f"{path}: image not found") from None
+    except (OSError, UnidentifiedImageError) as e:
+        raise LlavaGMError(f"{path}: cannot read the image ({e})") from None
+
+
+def _add_answer(sub):
+    p = sub.add_parser("answer", help="answer a LLaVA question file (question_id, image, text) into an answer file")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--questions", required=True, help="JSONL: {question_id, image, text}")
+    p.add_argument("--image-folder", default="", help="folder the questions' image paths are relative to")
+    p.add_argument("--output", required=True, help="answers JSONL: {question_id, prompt, text, model_id}")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--on-bad", choices=["fail", "skip"], default="fail")
+    _decoding_args(p, max_new_tokens=64)
+    p.set_defaults(func=cmd_answer)
+
+
+def cmd_answer(a):
+    from .answer_file import answer_questions
+
+    answer_questions(a.checkpoint, a.questions, a.image_folder, a.output, batch_size=a.batch_size, on_bad=a.on_bad,
+                     max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p, seed=a.seed)
+
+
+def _add_prepare(sub):
+    p = sub.add_parser("prepare-data", help="build the offline easy-VQA data as LLaVA JSON")
+    p.add_argument("--output", default="runs/data/easy-vqa")
+    p.set_defaults(func=lambda a: print(f"easy-VQA in LLaVA format: {__import__('llava_gm.data.easy_vqa', fromlist=['x']).build_easy_vqa(a.output)}"))
+
+
+def _add_demo(sub):
+    p = sub.add_parser("demo", help="the offline demo: data, stage 1, stage 2, evaluation, summary")
+    p.add_argument("--output", default="runs/demo")
+    p.add_argument("--full", action="store_true", help="train on all data for the best numbers (slower)")
+    p.set_defaults(func=lambda a: __import__("llava_gm.demo", fromlist=["x"]).run_demo(a.output, full=a.full))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llava-gm", description="Build, train, evaluate and serve lightweight sparse VLMs.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_demo(sub)
+    _add_prepare(sub)
+    _add_train(sub)
+    _add_ask(sub)
+    _add_answer(sub)
+    for module in ("llava_gm.eval.cli", "llava_gm.analysis.cli"):
+        try:
+            __import__(module, fromlist=["add_commands"]).add_commands(sub)
+        except ImportError as e:
+            if not str(e).startswith("No module named 'llava_gm"):
+                raise
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except LlavaGMError as e:
+        print(f"llava-gm: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("llava-gm: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

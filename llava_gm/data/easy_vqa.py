@@ -1,0 +1,102 @@
+"""easy-VQA (PyPI `easy-vqa`, MIT) as LLaVA data: captions for stage 1, multi-turn VQA for stage 2, a test split.
+
+Each image holds one coloured shape; its questions ask for the shape, the colour, or yes/no.
+Train and test stay apart: the test questions only ever reach evaluation.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+
+from ..errors import LlavaGMError
+from ..paths import atomic_dir
+
+SHAPES = {"circle", "rectangle", "triangle"}
+COLORS = {"red", "green", "blue", "yellow", "teal", "brown", "gray", "black"}
+SHORT_ANSWER = "Answer the question using a single word or phrase."  # LLaVA-1.5's short-answer prompt
+CAPTION_PROMPTS = [
+    "Describe the image briefly.",
+    "What is in this picture?",
+    "Give a short caption for the image.",
+    "Summarize the image in a few words.",
+]
+
+
+def question_type(answer: str) -> str:
+    if answer in ("yes", "no"):
+        return "yes_no"
+    return "shape" if answer in SHAPES else "color"
+
+
+def _load(split: str):
+    try:
+        import easy_vqa
+    except ImportError:
+        raise LlavaGMError("easy-VQA data needs the PyPI package easy-vqa: pip install easy-vqa") from None
+    get_q = easy_vqa.get_train_questions if split == "train" else easy_vqa.get_test_questions
+    get_p = easy_vqa.get_train_image_paths if split == "train" else easy_vqa.get_test_image_paths
+    questions, answers, image_ids = get_q()
+    per_image: dict[int, list[tuple[str, str]]] = {}
+    for q, a, i in zip(questions, answers, image_ids):
+        per_image.setdefault(int(i), []).append((q, a))
+    return per_image, get_p()
+
+
+def _describe(qas: list[tuple[str, str]]) -> tuple[str | None, str | None]:
+    """The image's colour and shape, read off its answers (open questions, and yes/no ones about a word)."""
+    shape = next((a for q, a in qas if a in SHAPES), None)
+    color = next((a for q, a in qas if question_type(a) == "color"), None)
+    for q, a in qas:
+        if a not in ("yes", "no"):
+            continue
+        present = (a == "yes") != (" not " in f" {q} ")  # "is there not a red shape?" -> no means present
+        for word in q.rstrip("?").split():
+            if present and word in SHAPES:
+                shape = shape or word
+            elif present and word in COLORS:
+                color = color or word
+    return color, shape
+
+
+def build_easy_vqa(out_dir: str | Path, seed: int = 0) -> Path:
+    """Write align.json, instruct.json, test_questions.jsonl and images/ into out_dir (once; atomic)."""
+    out_dir = Path(out_dir)
+    if (out_dir / "instruct.json").is_file():
+        return out_dir
+    rng = random.Random(seed)
+    with atomic_dir(out_dir) as tmp:
+        align, instruct = [], []
+        for split in ("train", "test"):
+            per_image, paths = _load(split)
+            (tmp / "images" / split).mkdir(parents=True)
+            for image_id in sorted(per_image):
+                shutil.copyfile(paths[image_id], tmp / "images" / split / f"{image_id}.png")
+            if split == "test":
+                with open(tmp / "test_questions.jsonl", "w") as f:
+                    qid = 0
+                    for image_id in sorted(per_image):
+                        for q, a in per_image[image_id]:
+                            f.write(json.dumps({"question_id": qid, "image": f"images/test/{image_id}.png", "text": q, "answer": a, "type": question_type(a)}) + "\n")
+                            qid += 1
+                continue
+            for image_id in sorted(per_image):
+                qas = list(per_image[image_id])
+                image = f"images/train/{image_id}.png"
+                color, shape = _describe(qas)
+                if color or shape:
+                    caption = f"A {color} {shape}." if color and shape else (f"A {color} shape." if color else f"A {shape}.")
+                    align.append({"id": f"easyvqa-cap-{image_id}", "image": image, "conversations": [
+                        {"from": "human", "value": f"<image>\n{rng.choice(CAPTION_PROMPTS)}"},
+                        {"from": "gpt", "value": caption}]})
+                rng.shuffle(qas)
+                turns = []
+                for k, (q, a) in enumerate(qas):  # LLaVA-1.5 packs an image's VQA questions into one conversation
+                    prompt = f"<image>\n{q}\n{SHORT_ANSWER}" if k == 0 else q
+                    turns += [{"from": "human", "value": prompt}, {"from": "gpt", "value": a}]
+                instruct.append({"id": f"easyvqa-{image_id}", "image": image, "conversations": turns})
+        (tmp / "align.json").write_text(json.dumps(align))
+        (tmp / "instruct.json").write_text(json.dumps(instruct))
+    return out_dir

@@ -83,7 +83,7 @@ class StageConfig:
     max_samples: Optional[int] = None  # use only the first N samples (quick runs)
     on_bad: Literal["fail", "skip"] = "fail"  # bad samples: stop with an error naming them, or skip and count them
     seed: int = 0
-    bf16: bool = True  # bf16 autocast (CPU and GPU)
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 autocast on GPUs and AMX CPUs, else fp32
 
 
 @dataclass

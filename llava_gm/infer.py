@@ -1,6 +1,6 @@
 """Answering with a trained checkpoint: batched generation, text log-likelihoods and perplexity.
 
-The model runs in bf16 (fast on CPUs with AMX and on GPUs); prompts go through the same chat
+The model runs in bf16 where that is fast (GPUs, CPUs with AMX), else fp32; prompts go through the same chat
 template as training; image features of files come from the same on-disk cache as training.
 """
 
@@ -19,6 +19,7 @@ from .data.conversation import ConversationEncoder
 from .data.features import FeatureCache, encode_images
 from .errors import LlavaGMError
 from .model.build import checkpoint_hash, load_checkpoint
+from .precision import compute_dtype
 
 ImageLike = Union[Image.Image, str, Path, None]
 
@@ -28,9 +29,10 @@ def default_device() -> torch.device:
 
 
 class Answerer:
-    def __init__(self, model, model_id: str = "llava-gm", checkpoint_hash: str = "", dtype: torch.dtype = torch.bfloat16, device=None):
+    def __init__(self, model, model_id: str = "llava-gm", checkpoint_hash: str = "", dtype: Optional[torch.dtype] = None, device=None):
         self.device = torch.device(device) if device else default_device()
-        self.model = model.to(self.device, dtype).eval()
+        dtype = dtype or compute_dtype(self.device)
+        self.model = model.to(self.device, dtype).eval().requires_grad_(False)
         if model.vision_tower is not None:
             model.vision_tower.float()  # features as in training: fp32 weights under bf16 autocast
         self.model_id = model_id
@@ -40,7 +42,7 @@ class Answerer:
         self._cache: Optional[FeatureCache] = None
 
     @classmethod
-    def from_checkpoint(cls, path: Union[str, Path], dtype: torch.dtype = torch.bfloat16, device=None) -> "Answerer":
+    def from_checkpoint(cls, path: Union[str, Path], dtype: Optional[torch.dtype] = None, device=None) -> "Answerer":
         model = load_checkpoint(path)
         return cls(model, model_id=Path(path).name, checkpoint_hash=checkpoint_hash(path), dtype=dtype, device=device)
 

@@ -17,13 +17,14 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from ..paths import cache_dir
+from ..precision import use_bf16
 
 
 def encode_images(tower, images: list) -> torch.Tensor:
     """Run the frozen tower once (bf16 autocast where it is fast); training and inference share this path."""
     device = next(tower.parameters()).device
     pixels = tower.preprocess(images).to(device)
-    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16):
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16(device)):
         return tower(pixels).to(torch.bfloat16).cpu()
 
 
@@ -34,7 +35,9 @@ def image_key(path: Path) -> str:
 class FeatureCache:
     def __init__(self, tower, root: Path | None = None, dtype: torch.dtype = torch.bfloat16):
         self.tower = tower
-        self.root = Path(root or cache_dir() / "features") / tower.cache_name
+        device = next(tower.parameters()).device
+        # features computed under bf16 autocast differ slightly from fp32 ones: never mix them
+        self.root = Path(root or cache_dir() / "features") / f"{tower.cache_name}-{'bf16' if use_bf16(device) else 'fp32'}"
         self.root.mkdir(parents=True, exist_ok=True)
         self.dtype = dtype
         self._index = {}  # image key -> shard path

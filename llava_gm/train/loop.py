@@ -13,6 +13,7 @@ from tqdm import tqdm
 from ..config import StageConfig
 from ..data.conversation import IGNORE_INDEX, IMAGE_TOKEN_ID
 from ..data.llava_json import Sample
+from ..precision import use_bf16
 
 
 @dataclass
@@ -82,6 +83,7 @@ def train_loop(model, stage: StageConfig, samples: list[Sample], features: dict,
     warmup = max(1, round(stage.warmup_ratio * total_steps))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, total_steps, warmup))
     pad_id = model.tokenizer.pad_token_id
+    bf16 = use_bf16(device, stage.precision)
     log = TrainLog()
     model.train()
     batches: list = []
@@ -94,7 +96,7 @@ def train_loop(model, stage: StageConfig, samples: list[Sample], features: dict,
         if not batches:
             batches = length_grouped_batches(samples, stage.batch_size, rng)
         batch = collate(batches.pop(), features, pad_id, device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=stage.bf16):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             out = model(**batch)
         (out.loss / stage.grad_accum).backward()
         acc["loss"] += out.loss.item() / stage.grad_accum

@@ -15,6 +15,7 @@ from ..data.features import FeatureCache
 from ..data.llava_json import load_samples
 from ..errors import LlavaGMError
 from ..model.build import apply_sparse, build_model, load_checkpoint, save_checkpoint
+from ..precision import use_bf16
 from .loop import render_sample, train_loop
 from .stages import describe_plan, plan_stage
 
@@ -107,7 +108,7 @@ def run_stage(stage: StageConfig, output: str | Path, model_cfg: Optional[ModelC
 
     trainable = plan_stage(model, stage)
     say(describe_plan(model, trainable))
-    if stage.bf16 and device.type == "cpu":
+    if use_bf16(device, stage.precision) and device.type == "cpu":
         # frozen weights that were never trained: keep them in bf16, as autocast would cast them every step anyway
         for n, p in model.named_parameters():
             if not p.requires_grad and n not in model.trained_keys and not n.startswith("vision_tower.") and p.is_floating_point():

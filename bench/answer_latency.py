@@ -1,0 +1,71 @@
+"""Latency of one image + question -> short answer: llava-gm's Answerer vs transformers' generate, same weights.
+
+Both run the vision tower on the image (a new image is not in any cache), then produce exactly --new-tokens
+tokens greedily. Baseline: LlavaForConditionalGeneration.generate in fp32. Ours: bf16 weights, our KV-cache loop.
+
+    python bench/answer_latency.py [--runs 20] [--new-tokens 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+
+import torch
+
+from _common import ROOT, offline_config, timed
+
+
+def pct(xs, q):
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--runs", type=int, default=20)
+    ap.add_argument("--new-tokens", type=int, default=4)
+    ap.add_argument("--pool", type=int, default=1, help="projector pooling for ours (the baseline cannot pool)")
+    a = ap.parse_args()
+
+    from PIL import Image
+
+    from llava_gm.data.conversation import IMAGE_TOKEN_ID, ConversationEncoder
+    from llava_gm.data.easy_vqa import build_easy_vqa
+    from llava_gm.export import to_hf_llava
+    from llava_gm.infer import Answerer
+    from llava_gm.model.build import build_model
+
+    torch.manual_seed(0)
+    model = build_model(offline_config(pool=1))
+    hf = to_hf_llava(model)
+    image = Image.open(build_easy_vqa(ROOT / "runs" / "data" / "easy-vqa") / "images" / "test" / "0.png").convert("RGB")
+    question = "<image>\nwhat color is the shape?\nAnswer the question using a single word or phrase."
+    enc = ConversationEncoder(model.tokenizer, model.num_image_tokens, 4096)
+    ids = enc.encode_prompt([{"role": "user", "content": question}])
+    hf_ids = torch.tensor([[hf.config.image_token_id if t == IMAGE_TOKEN_ID else t for t in ids]])
+    n = a.new_tokens
+
+    def baseline():
+        with torch.no_grad():
+            pixels = model.vision_tower.preprocess([image])
+            out = hf.generate(input_ids=hf_ids, pixel_values=pixels, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+        return out[0, hf_ids.shape[1]:].tolist()
+
+    answerer = Answerer(model)  # moves the model to bf16 (the baseline keeps its own fp32 copy)
+    answerer.stop_ids = []  # exactly n tokens, as the baseline
+
+    def ours():
+        return answerer.answer([{"prompt": question, "image": image}], max_new_tokens=n, progress=False)
+
+    t_base = timed(baseline, a.runs)
+    t_ours = timed(ours, a.runs)
+    mb, mo = statistics.median(t_base), statistics.median(t_ours)
+    print(f"{a.runs} runs, {n} new tokens, prompt {len(ids)} tokens ({model.num_image_tokens} image tokens)")
+    print(f"baseline (transformers generate, fp32): median {mb * 1000:7.1f} ms  p90 {pct(t_base, 0.9) * 1000:7.1f} ms")
+    print(f"llava-gm (Answerer, bf16, KV cache):     median {mo * 1000:7.1f} ms  p90 {pct(t_ours, 0.9) * 1000:7.1f} ms")
+    print(f"speed-up (median): {mb / mo:.2f}x   (target >= 3x)")
+
+
+if __name__ == "__main__":
+    main()

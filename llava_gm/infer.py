@@ -76,15 +76,23 @@ class Answerer:
                 text = f"<image>\n{text}" if images[k] is not None else text.replace("<image>", "").strip()
             prompts.append(self.encoder.encode_prompt([{"role": "user", "content": text}]))
         feats = self.image_features(images, progress=progress)
-        order = sorted(range(len(items)), key=lambda k: len(prompts[k]))  # similar lengths batch together
+        # one feature row per distinct image; questions about the same image batch together and share its prefill
+        image_key = [(str(im) if isinstance(im, (str, Path)) else id(im)) if im is not None else None for im in images]
+        first = {}
+        for k, key in enumerate(image_key):
+            if key is not None:
+                first.setdefault(key, k)
+        rank = {key: r for r, key in enumerate(first)}
+        order = sorted(range(len(items)), key=lambda k: (rank.get(image_key[k], -1), len(prompts[k])))
         answers: list[str] = [""] * len(items)
         gen = torch.Generator().manual_seed(seed) if temperature > 0 else None
         bar = tqdm(total=len(items), desc="answering", unit="q", disable=not progress)
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
-            batch_feats = [feats[k] for k in idx if k in feats]
-            stacked = torch.stack(batch_feats).to(self.device, self.model.projector_dtype) if batch_feats else None
-            out = self.model.generate([prompts[k] for k in idx], stacked, max_new_tokens=max_new_tokens, temperature=temperature,
+            keys = list(dict.fromkeys(image_key[k] for k in idx if image_key[k] is not None))
+            stacked = torch.stack([feats[first[key]] for key in keys]).to(self.device, self.model.projector_dtype) if keys else None
+            index = [keys.index(image_key[k]) if image_key[k] is not None else -1 for k in idx]
+            out = self.model.generate([prompts[k] for k in idx], stacked, index, max_new_tokens=max_new_tokens, temperature=temperature,
                                       top_p=top_p, stop_ids=self.stop_ids, generator=gen)
             for k, toks in zip(idx, out):
                 answers[k] = self.model.tokenizer.decode(toks, skip_special_tokens=True).strip()

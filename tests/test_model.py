@@ -112,3 +112,24 @@ def test_sampling_is_reproducible_with_a_seed(tiny_model_config):
     a = model.generate([p], None, max_new_tokens=8, temperature=1.0, top_p=0.9, generator=torch.Generator().manual_seed(3))
     b = model.generate([p], None, max_new_tokens=8, temperature=1.0, top_p=0.9, generator=torch.Generator().manual_seed(3))
     assert a == b and len(a[0]) == 8
+
+
+@pytest.mark.parametrize("window, shares", [(512, True), (8, False)])
+def test_questions_sharing_an_image_prefill_it_once_with_identical_answers(tmp_path, tiny_vision_dir, window, shares):
+    lm_dir = tiny.make_lm(tmp_path / "lm", "gemma3", sliding_window=window)
+    model = build_model(ModelConfig(vision=VisionConfig(name=str(tiny_vision_dir)), language=LanguageConfig(name=str(lm_dir)))).eval()
+    enc = ConversationEncoder(model.tokenizer, model.num_image_tokens, 512)
+    qs = ["what color is the shape?", "is there a red circle in the image? yes no", "what is the shape?", "yes"]
+    prompts = [enc.encode_prompt(to_messages([{"from": "human", "value": f"<image>\n{q}"}], "t")) for q in qs]
+    torch.manual_seed(2)
+    feats = torch.randn(2, model.vision_tokens, model.vision_dim)
+    index = [0, 1, 0, 1]  # two questions on each of two images: two shared prefixes
+    calls = []
+    orig = model.embed
+    model.embed = lambda ids, f: calls.append(tuple(ids.shape)) or orig(ids, f)
+    shared = model.generate(prompts, feats, index, max_new_tokens=10, stop_ids=[])
+    # the prefill ran once per distinct image, unless a short sliding window forbids sharing
+    assert calls[0][0] == (2 if shares else 4)
+    model.embed = orig
+    for i, p in enumerate(prompts):
+        assert shared[i] == greedy_without_cache(model, p, feats[index[i] : index[i] + 1], 10)

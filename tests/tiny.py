@@ -35,7 +35,7 @@ def make_tokenizer(folder: Path):
     return fast
 
 
-def make_lm(folder: Path, family: str = "gemma3", layers: int = 4) -> Path:
+def make_lm(folder: Path, family: str = "gemma3", layers: int = 4, sliding_window: int = 8) -> Path:
     """A tiny random Gemma 1/2/3 causal LM + tokenizer in `folder`."""
     import torch
     from transformers import AutoModelForCausalLM
@@ -48,7 +48,7 @@ def make_lm(folder: Path, family: str = "gemma3", layers: int = 4) -> Path:
     if family == "gemma3":
         from transformers import Gemma3TextConfig as C
 
-        cfg = C(**common, sliding_window=8)
+        cfg = C(**common, sliding_window=sliding_window)
     elif family == "gemma2":
         from transformers import Gemma2Config as C
 

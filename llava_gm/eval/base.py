@@ -59,7 +59,7 @@ class Problems:
             shown = "; ".join(f"{p['where']}: {p['problem']}" for p in self.items[:5])
             more = f" (and {len(self.items) - 5} more)" if len(self.items) > 5 else ""
             raise LlavaGMError(f"{len(self.items)} {what} problem(s): {shown}{more}. "
-                               "Fix the rows, or pass --on-error skip to leave them out (they are counted in the results).")
+                               "Fix the rows, or pass --on-bad skip to leave them out (they are counted in the results).")
 
 
 class Task:

@@ -26,7 +26,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="the benchmark's official files (folder or main file); see docs/evaluation.md")
     p.add_argument("--split", help="split to read where the release has several (default: the papers' split)")
     p.add_argument("--image-folder", help="images somewhere else than the release's default place")
-    p.add_argument("--on-error", choices=["fail", "skip"], default="fail",
+    p.add_argument("--on-bad", "--on-error", dest="on_error", choices=["fail", "skip"], default="fail",
                    help="data problems (missing image, malformed row, no answer): stop (default) or skip and count them")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="task option, e.g. ocr=false")
     p.add_argument("--output", help="results JSON path")
@@ -120,6 +120,6 @@ def add_commands(subparsers) -> None:
     p.add_argument("--output-dir", default=str(Path("runs") / "eval" / "summary"))
     p.add_argument("--limit", type=int)
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--on-error", choices=["fail", "skip"], default="fail")
+    p.add_argument("--on-bad", "--on-error", dest="on_error", choices=["fail", "skip"], default="fail")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_summary)

@@ -100,60 +100,96 @@ class LlavaGM(nn.Module):
         return ForwardOutput(loss, lm_loss, aux, n)
 
     # ---- generation ---------------------------------------------------------------------------
+    def _left_pad(self, seqs: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
+        width = max(len(p) for p in seqs)
+        ids = torch.full((len(seqs), width), self.tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for i, p in enumerate(seqs):  # every sequence ends at the last column
+            ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+            mask[i, width - len(p) :] = 1
+        return ids.to(device), mask.to(device)
+
     @torch.no_grad()
     def generate(
         self,
         prompts: list[list[int]],
         image_features: Optional[torch.Tensor] = None,
+        image_index: Optional[list[int]] = None,
         max_new_tokens: int = 32,
         temperature: float = 0.0,
         top_p: float = 1.0,
         stop_ids: Optional[list[int]] = None,
         generator: Optional[torch.Generator] = None,
     ) -> list[list[int]]:
-        """Batched generation with a KV cache. `prompts` hold IMAGE_TOKEN_ID slots; `image_features`
-        holds the features of every image in prompt order. Returns the new tokens of each prompt, stop token excluded."""
+        """Batched generation with a KV cache; returns each prompt's new tokens, stop token excluded.
+
+        `prompts` hold IMAGE_TOKEN_ID slots. `image_features` [n_images, N, D]; `image_index[i]` says which of them
+        prompt i shows (-1: none); without it, the prompts with slots take the images in order. Prompts that show
+        the same image with the same tokens up to it (several questions about one image) share one prefill of that
+        prefix, whose KV cache is then copied to each of them.
+        """
         device = next(self.lm.parameters()).device
+        if image_index is None:
+            it = iter(range(len(prompts)))
+            image_index = [next(it) if IMAGE_TOKEN_ID in p else -1 for p in prompts]
+        if image_features is not None:
+            image_features = image_features.to(device)
+        has_image = torch.tensor([k >= 0 for k in image_index], device=device)
+        cuts = [max(i for i, t in enumerate(p) if t == IMAGE_TOKEN_ID) + 1 if k >= 0 else 0 for p, k in zip(prompts, image_index)]
+        groups: dict = {}
+        owner = [groups.setdefault((k, tuple(p[:c])), len(groups)) for p, k, c in zip(prompts, image_index, cuts)]
+        window = getattr(self.lm.config.get_text_config(), "sliding_window", None)
+        longest = max(len(p) for p in prompts) + max(len(p) - c for p, c in zip(prompts, cuts)) + max_new_tokens
+        shared = (all(k >= 0 for k in image_index) and len(groups) < len(prompts) and all(c < len(p) for p, c in zip(prompts, cuts))
+                  and (not window or longest <= window))  # the padding between prefix and suffix must not push tokens out of a window
+        if shared:
+            prefixes = [list(key[1]) for key in groups]
+            ids, mask = self._left_pad(prefixes, device)
+            feats = image_features[[key[0] for key in groups]]
+            self._set_modality(ids, torch.ones(len(prefixes), dtype=torch.bool, device=device))
+            pos = (mask.cumsum(-1) - 1).clamp(min=0)
+            cache = self.decoder(inputs_embeds=self.embed(ids, feats), attention_mask=mask, position_ids=pos, use_cache=True).past_key_values
+            cache.reorder_cache(torch.tensor(owner, device=device))  # each prompt gets its prefix's keys and values
+            suffix, suffix_mask = self._left_pad([p[c:] for p, c in zip(prompts, cuts)], device)
+            # padding sits between prefix and suffix; the mask hides it and positions skip it
+            mask = torch.cat([mask[owner], suffix_mask], 1)
+            pos = (mask.cumsum(-1) - 1).clamp(min=0)[:, -suffix.shape[1] :]
+            self._set_modality(suffix, has_image)
+            out = self.decoder(inputs_embeds=self.embed(suffix, None), attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
+        else:
+            ids, mask = self._left_pad(prompts, device)
+            feats = None
+            if image_features is not None and any(k >= 0 for k in image_index):
+                feats = image_features[[k for k in image_index if k >= 0]]
+            pos = (mask.cumsum(-1) - 1).clamp(min=0)
+            self._set_modality(ids, has_image)
+            out = self.decoder(inputs_embeds=self.embed(ids, feats), attention_mask=mask, position_ids=pos, use_cache=True)
+        return self._decode(out, mask, pos[:, -1:], has_image, max_new_tokens, temperature, top_p, stop_ids, generator)
+
+    def _decode(self, out, mask, pos, has_image, max_new_tokens, temperature, top_p, stop_ids, generator) -> list[list[int]]:
+        """Token-by-token continuation from a prefill's output (logits only at the last position)."""
         pad = self.tokenizer.pad_token_id
-        width = max(len(p) for p in prompts)
-        ids = torch.full((len(prompts), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(prompts), width), dtype=torch.long)
-        for i, p in enumerate(prompts):  # left padding: every prompt ends at the last column
-            ids[i, width - len(p) :] = torch.tensor(p)
-            mask[i, width - len(p) :] = 1
-        ids, mask = ids.to(device), mask.to(device)
-        has_image = (ids == IMAGE_TOKEN_ID).any(1)
-        embeds = self.embed(ids, None if image_features is None else image_features.to(device))
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        self._set_modality(ids, has_image)
-        out = self.decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, use_cache=True)
-        cache = out.past_key_values
-        last = out.last_hidden_state[:, -1]
-        stop = torch.tensor(stop_ids or [], device=device)
-        done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+        cache, last = out.past_key_values, out.last_hidden_state[:, -1]
+        stop = torch.tensor(stop_ids or [], device=mask.device)
+        done = torch.zeros(mask.shape[0], dtype=torch.bool, device=mask.device)
         new = []
         for step in range(max_new_tokens):
             logits = self.logits_from_hidden(last).float()
-            if temperature > 0:
-                nxt = _sample(logits / temperature, top_p, generator)
-            else:
-                nxt = logits.argmax(-1)
+            nxt = _sample(logits / temperature, top_p, generator) if temperature > 0 else logits.argmax(-1)
             nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
             new.append(nxt)
             done = done | torch.isin(nxt, stop)
             if bool(done.all()) or step == max_new_tokens - 1:
                 break
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
-            pos = pos[:, -1:] + 1
+            pos = pos + 1
             self._set_modality(torch.zeros_like(nxt[:, None]), has_image)  # decoded tokens are text
-            step_embeds = self.lm.get_input_embeddings()(nxt[:, None])
-            out = self.decoder(inputs_embeds=step_embeds, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
-            last = out.last_hidden_state[:, -1]
-        tokens = torch.stack(new, 1).tolist()
-        result = []
+            out = self.decoder(inputs_embeds=self.lm.get_input_embeddings()(nxt[:, None]), attention_mask=mask, position_ids=pos,
+                               past_key_values=cache, use_cache=True)
+            cache, last = out.past_key_values, out.last_hidden_state[:, -1]
         stops = set(stop_ids or [])
-        for row in tokens:
+        result = []
+        for row in torch.stack(new, 1).tolist():
             cut = next((j for j, t in enumerate(row) if t in stops), len(row))
             result.append(row[:cut])
         return result

@@ -125,7 +125,8 @@ def _add_demo(sub):
     p = sub.add_parser("demo", help="the offline demo: data, stage 1, stage 2, evaluation, summary")
     p.add_argument("--output", default="runs/demo")
     p.add_argument("--full", action="store_true", help="train on all data for the best numbers (slower)")
-    p.set_defaults(func=lambda a: __import__("llava_gm.demo", fromlist=["x"]).run_demo(a.output, full=a.full))
+    p.add_argument("--no-stage3", action="store_true", help="stop after stage 2 (no MoE / EVF variants)")
+    p.set_defaults(func=lambda a: __import__("llava_gm.demo", fromlist=["x"]).run_demo(a.output, full=a.full, stage3=not a.no_stage3))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -74,6 +74,7 @@ class StageConfig:
     lora_alpha: int = 128
     train_embeddings: bool = True  # stage 2: also train the (tied) token embeddings
     lr: float = 1e-3
+    projector_lr: Optional[float] = None  # a separate rate for the projector (nanoVLM-style per-module rates); None = lr
     epochs: float = 1.0
     batch_size: int = 16
     grad_accum: int = 1

@@ -1,13 +1,14 @@
-"""The offline demo: easy-VQA data -> stage 1 -> stage 2 -> evaluation -> one table and runs/demo/summary.json.
+"""The offline demo: easy-VQA data -> stage 1 -> stage 2 -> stage 3 (MoE and EVF) -> evaluation -> one table.
 
 Everything comes from package registries (Gemma 3 270M, DINOv2 ViT-S/14, easy-VQA), so it runs on a laptop
-with no network. A re-run reuses finished stages found in the output folder.
+with no network. A re-run reuses finished stages found in the output folder. Results: runs/demo/summary.json.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import statistics
 import time
 from pathlib import Path
 
@@ -15,9 +16,11 @@ from .config import RecipeConfig, load_yaml
 from .errors import LlavaGMError
 
 RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "offline-default.yaml"
-# quick-run sizes, chosen so the demo fits in 15 minutes on a 2-core CPU; --full uses everything
-QUICK = {"align": 1200, "instruct": 1600}
-SAMPLE_QUESTIONS = 500  # the fixed test sample (its first questions) for the untrained and stage-1 rows
+ENGLISH = Path(__file__).resolve().parent / "assets" / "english.txt"  # the same text for every row's perplexity
+# quick-run sizes (samples per stage), chosen so the demo fits its time budget on a 2-core CPU; --full uses all data
+QUICK = {"align": 800, "instruct": 400, "sparsify": 120}
+SAMPLE_QUESTIONS = 500  # a fixed sample of the test split (its first questions) for the untrained and stage-1 rows
+STAGE3_QUESTIONS = 2000  # stage-3 rows, compared with stage 2 on the same questions
 
 
 def _stage(recipe: RecipeConfig, name: str):
@@ -32,33 +35,63 @@ def _train(stage, out: Path, model_cfg, init, sparse=None) -> str:
     from .train.run import run_stage
 
     if out.exists():
-        read_checkpoint_config(out)  # a finished checkpoint: reuse it
+        read_checkpoint_config(out)  # a finished checkpoint (they are written atomically): reuse it
         print(f"reusing {out}")
         return str(out)
     return run_stage(stage, out, model_cfg=model_cfg, init=init, sparse=sparse)["checkpoint"]
 
 
-def _evaluate(answerer, data: Path, out: Path, limit=None) -> dict:
+def _latency_ms(answerer, image_path: Path, runs: int = 10) -> float:
+    """Median time of one image (a fresh decode + tower run, no cache) + question -> short answer."""
+    from PIL import Image
+
+    image = Image.open(image_path).convert("RGB")
+    item = [{"prompt": "<image>\nwhat color is the shape?", "image": image}]
+    answerer.answer(item, progress=False)  # warm-up
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        answerer.answer(item, progress=False)
+        times.append(time.perf_counter() - t)
+    return 1000 * statistics.median(times)
+
+
+def _row(name: str, answerer, checkpoint, data: Path, out: Path, limit=None) -> dict:
+    from .analysis.cli import model_report
     from .eval.runner import evaluate
 
     t = time.perf_counter()
     r = evaluate(answerer, "easy_vqa", str(data / "test_questions.jsonl"), output=str(out), limit=limit, batch_size=64)
-    return {"accuracy": r["metrics"]["accuracy"], "per_type": r["metrics"]["per_type"], "questions": r["n_questions"],
-            "eval_seconds": round(time.perf_counter() - t, 1), "results": str(out)}
+    eval_s = time.perf_counter() - t
+    report = model_report(answerer.model, text_tokens=12)  # an easy-VQA question and its answer are about 12 tokens
+    return {
+        "model": name, "checkpoint": checkpoint, "questions": r["n_questions"], "accuracy": r["metrics"]["accuracy"],
+        "per_type": r["metrics"]["per_type"], "results": str(out), "eval_seconds": round(eval_s, 1),
+        "correct": {str(p["question_id"]): bool(p["correct"]) for p in r["predictions"]},
+        "perplexity": answerer.perplexity(ENGLISH.read_text()),
+        "params_total": report["params"]["total"], "params_activated": report["params"]["activated"],
+        "gflops_per_sample": report["flops_with_image"]["total"] / 1e9,
+        "latency_ms": _latency_ms(answerer, data / "images" / "test" / "0.png"),
+    }
 
 
-def print_table(rows: list[dict]) -> str:
-    head = f"{'model':<22}{'questions':>10}{'accuracy':>10}{'yes/no':>9}{'shape':>8}{'color':>8}"
+def _accuracy_on(row: dict, keys: list[str]) -> float:
+    return 100.0 * sum(row["correct"][k] for k in keys) / len(keys)
+
+
+def format_table(rows: list[dict]) -> str:
+    head = (f"{'model':<20}{'questions':>10}{'acc':>7}{'yes/no':>8}{'shape':>7}{'color':>7}{'text ppl':>10}"
+            f"{'params':>9}{'active':>9}{'GFLOPs':>8}{'latency':>9}")
     lines = [head, "-" * len(head)]
     for r in rows:
         pt = r["per_type"]
-        lines.append(f"{r['model']:<22}{r['questions']:>10}{r['accuracy']:>10.2f}{pt.get('yes_no', 0):>9.2f}{pt.get('shape', 0):>8.2f}{pt.get('color', 0):>8.2f}")
-    text = "\n".join(lines)
-    print(text)
-    return text
+        lines.append(f"{r['model']:<20}{r['questions']:>10}{r['accuracy']:>7.2f}{pt.get('yes_no', 0):>8.2f}{pt.get('shape', 0):>7.2f}"
+                     f"{pt.get('color', 0):>7.2f}{r['perplexity']:>10.2f}{r['params_total'] / 1e6:>8.1f}M{r['params_activated'] / 1e6:>8.1f}M"
+                     f"{r['gflops_per_sample']:>8.1f}{r['latency_ms']:>7.0f}ms")
+    return "\n".join(lines)
 
 
-def run_demo(output: str = "runs/demo", full: bool = False, data_dir: str = "runs/data/easy-vqa") -> dict:
+def run_demo(output: str = "runs/demo", full: bool = False, stage3: bool = True, data_dir: str = "runs/data/easy-vqa") -> dict:
     from .data.easy_vqa import build_easy_vqa
     from .infer import Answerer
     from .model.build import build_model
@@ -75,28 +108,44 @@ def run_demo(output: str = "runs/demo", full: bool = False, data_dir: str = "run
         s = _stage(recipe, name)
         return dataclasses.replace(s, data=str(data / Path(s.data).name), image_folder=str(data), max_samples=None if full else QUICK.get(name))
 
-    timings = {}
-    t = time.perf_counter()
-    align = _train(sized("align"), out / "align", base_cfg, None)
-    timings["align"] = time.perf_counter() - t
-    t = time.perf_counter()
-    instruct = _train(sized("instruct"), out / "instruct", base_cfg, align)
-    timings["instruct"] = time.perf_counter() - t
+    seconds = {}
 
-    rows = []
-    t = time.perf_counter()
-    untrained = Answerer(build_model(base_cfg), model_id="untrained")
-    rows.append({"model": "untrained", "checkpoint": None, **_evaluate(untrained, data, out / "eval-untrained.json", SAMPLE_QUESTIONS)})
-    del untrained
-    rows.append({"model": "stage 1 (align)", "checkpoint": align, **_evaluate(Answerer.from_checkpoint(align), data, out / "eval-align.json", SAMPLE_QUESTIONS)})
-    rows.append({"model": "stage 2 (instruct)", "checkpoint": instruct, **_evaluate(Answerer.from_checkpoint(instruct), data, out / "eval-instruct.json")})
-    timings["evaluation"] = time.perf_counter() - t
+    def timed(key, fn):
+        t = time.perf_counter()
+        value = fn()
+        seconds[key] = round(time.perf_counter() - t, 1)
+        return value
 
-    print()
-    table = print_table(rows)
-    total = time.perf_counter() - t0
-    summary = {"rows": rows, "table": table, "full": full, "seconds": {k: round(v, 1) for k, v in timings.items()} | {"total": round(total, 1)},
-               "checkpoints": {"align": align, "instruct": instruct}}
+    ckpt = {"align": timed("align", lambda: _train(sized("align"), out / "align", base_cfg, None))}
+    ckpt["instruct"] = timed("instruct", lambda: _train(sized("instruct"), out / "instruct", base_cfg, ckpt["align"]))
+    if stage3:
+        moe = dataclasses.replace(recipe.model.sparse, kind="moe")
+        evf = dataclasses.replace(recipe.model.sparse, kind="evf", balance_coef=0.001)  # Eve's alpha
+        ckpt["moe"] = timed("sparsify_moe", lambda: _train(sized("sparsify"), out / "sparsify-moe", base_cfg, ckpt["instruct"], sparse=moe))
+        ckpt["evf"] = timed("sparsify_evf", lambda: _train(sized("sparsify"), out / "sparsify-evf", base_cfg, ckpt["instruct"], sparse=evf))
+
+    def evaluate_all():
+        rows = [_row("untrained", Answerer(build_model(base_cfg), model_id="untrained"), None, data, out / "eval-untrained.json", SAMPLE_QUESTIONS),
+                _row("stage 1 (align)", Answerer.from_checkpoint(ckpt["align"]), ckpt["align"], data, out / "eval-align.json", SAMPLE_QUESTIONS),
+                _row("stage 2 (instruct)", Answerer.from_checkpoint(ckpt["instruct"]), ckpt["instruct"], data, out / "eval-instruct.json")]
+        if stage3:
+            for key, name in (("moe", "stage 3 MoE"), ("evf", "stage 3 EVF")):
+                rows.append(_row(name, Answerer.from_checkpoint(ckpt[key]), ckpt[key], data, out / f"eval-{key}.json", STAGE3_QUESTIONS))
+        return rows
+
+    rows = timed("evaluation", evaluate_all)
+    table = format_table(rows)
+    comparisons = {}
+    if stage3:
+        keys = list(rows[-1]["correct"])  # the stage-3 sample: stage 2 answered the same questions
+        comparisons = {"questions": len(keys), "stage2": _accuracy_on(rows[2], keys),
+                       "moe": _accuracy_on(rows[3], keys), "evf": _accuracy_on(rows[4], keys)}
+        table += (f"\non the same {len(keys)} questions: stage 2 {comparisons['stage2']:.2f}, MoE {comparisons['moe']:.2f}, "
+                  f"EVF {comparisons['evf']:.2f}")
+    print("\n" + table)
+    seconds["total"] = round(time.perf_counter() - t0, 1)
+    summary = {"rows": [{k: v for k, v in r.items() if k != "correct"} for r in rows], "stage3_same_questions": comparisons,
+               "table": table, "full": full, "sizes": None if full else QUICK, "seconds": seconds, "checkpoints": ckpt}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    print(f"\ndemo finished in {total / 60:.1f} min; summary in {out / 'summary.json'}")
+    print(f"\ndemo finished in {seconds['total'] / 60:.1f} min; summary in {out / 'summary.json'}")
     return summary

@@ -103,7 +103,7 @@ class Answerer:
     # ---- text-only scoring ---------------------------------------------------------------------
     def _token_logprobs(self, ids: torch.Tensor, mask: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """log p(ids[:, t+1] | ids[:, :t+1]) where targets[:, t] is True, else 0."""
-        self.model._set_modality(None, None)
+        self.model._set_modality(None, None, mask)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         hidden = self.model.decoder(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).last_hidden_state
         out = torch.zeros(targets.shape, dtype=torch.float32, device=ids.device)

@@ -16,7 +16,6 @@ from ..paths import atomic_dir
 
 SHAPES = {"circle", "rectangle", "triangle"}
 COLORS = {"red", "green", "blue", "yellow", "teal", "brown", "gray", "black"}
-SHORT_ANSWER = "Answer the question using a single word or phrase."  # LLaVA-1.5's short-answer prompt
 CAPTION_PROMPTS = [
     "Describe the image briefly.",
     "What is in this picture?",
@@ -94,7 +93,8 @@ def build_easy_vqa(out_dir: str | Path, seed: int = 0) -> Path:
                 rng.shuffle(qas)
                 turns = []
                 for k, (q, a) in enumerate(qas):  # LLaVA-1.5 packs an image's VQA questions into one conversation
-                    prompt = f"<image>\n{q}\n{SHORT_ANSWER}" if k == 0 else q
+                    # no "Answer ... single word" suffix: every answer here is one word, and eval prompts stay short
+                    prompt = f"<image>\n{q}" if k == 0 else q
                     turns += [{"from": "human", "value": prompt}, {"from": "gpt", "value": a}]
                 instruct.append({"id": f"easyvqa-{image_id}", "image": image, "conversations": turns})
         (tmp / "align.json").write_text(json.dumps(align))

@@ -70,17 +70,18 @@ class LlavaGM(nn.Module):
     def projector_dtype(self):
         return next(self.projector.parameters()).dtype
 
-    def _set_modality(self, input_ids: Optional[torch.Tensor], sample_has_image: Optional[torch.Tensor]):
+    def _set_modality(self, input_ids: Optional[torch.Tensor], sample_has_image: Optional[torch.Tensor], token_mask: Optional[torch.Tensor] = None):
+        """Tell sparse layers which tokens are image tokens and which are padding (padding takes no expert capacity)."""
         if self.sparse_layers:
             from .sparse import set_modality
 
             image_mask = None if input_ids is None else input_ids == IMAGE_TOKEN_ID
-            set_modality(self.lm, image_mask, sample_has_image)
+            set_modality(self.lm, image_mask, sample_has_image, None if token_mask is None else token_mask.bool())
 
     # ---- training -----------------------------------------------------------------------------
     def forward(self, input_ids, attention_mask, labels, image_features=None) -> ForwardOutput:
         embeds = self.embed(input_ids, image_features)
-        self._set_modality(input_ids, (input_ids == IMAGE_TOKEN_ID).any(1))
+        self._set_modality(input_ids, (input_ids == IMAGE_TOKEN_ID).any(1), attention_mask)
         pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         hidden = self.decoder(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=pos, use_cache=False).last_hidden_state
         # next-token prediction only where a label exists: the vocabulary projection is the big cost
@@ -146,7 +147,7 @@ class LlavaGM(nn.Module):
             prefixes = [list(key[1]) for key in groups]
             ids, mask = self._left_pad(prefixes, device)
             feats = image_features[[key[0] for key in groups]]
-            self._set_modality(ids, torch.ones(len(prefixes), dtype=torch.bool, device=device))
+            self._set_modality(ids, torch.ones(len(prefixes), dtype=torch.bool, device=device), mask)
             pos = (mask.cumsum(-1) - 1).clamp(min=0)
             cache = self.decoder(inputs_embeds=self.embed(ids, feats), attention_mask=mask, position_ids=pos, use_cache=True).past_key_values
             cache.reorder_cache(torch.tensor(owner, device=device))  # each prompt gets its prefix's keys and values
@@ -154,7 +155,7 @@ class LlavaGM(nn.Module):
             # padding sits between prefix and suffix; the mask hides it and positions skip it
             mask = torch.cat([mask[owner], suffix_mask], 1)
             pos = (mask.cumsum(-1) - 1).clamp(min=0)[:, -suffix.shape[1] :]
-            self._set_modality(suffix, has_image)
+            self._set_modality(suffix, has_image, suffix_mask)
             out = self.decoder(inputs_embeds=self.embed(suffix, None), attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
         else:
             ids, mask = self._left_pad(prompts, device)
@@ -162,7 +163,7 @@ class LlavaGM(nn.Module):
             if image_features is not None and any(k >= 0 for k in image_index):
                 feats = image_features[[k for k in image_index if k >= 0]]
             pos = (mask.cumsum(-1) - 1).clamp(min=0)
-            self._set_modality(ids, has_image)
+            self._set_modality(ids, has_image, mask)
             out = self.decoder(inputs_embeds=self.embed(ids, feats), attention_mask=mask, position_ids=pos, use_cache=True)
         return self._decode(out, mask, pos[:, -1:], has_image, max_new_tokens, temperature, top_p, stop_ids, generator)
 

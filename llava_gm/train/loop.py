@@ -69,12 +69,14 @@ def cosine_lr(step: int, total: int, warmup: int) -> float:
 def train_loop(model, stage: StageConfig, samples: list[Sample], features: dict, trainable: list[str], progress: bool = True) -> TrainLog:
     device = next(model.lm.parameters()).device
     params = dict(model.named_parameters())
-    decay = [params[n] for n in trainable if params[n].ndim >= 2]
-    no_decay = [params[n] for n in trainable if params[n].ndim < 2]  # biases and norms: no weight decay
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": stage.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=stage.lr, betas=tuple(stage.betas), fused=device.type == "cuda" or None,
-    )
+    groups = []
+    for is_proj in (False, True):  # the projector may take its own learning rate
+        names = [n for n in trainable if n.startswith("projector.") == is_proj]
+        lr = (stage.projector_lr or stage.lr) if is_proj else stage.lr
+        decay = [params[n] for n in names if params[n].ndim >= 2]
+        no_decay = [params[n] for n in names if params[n].ndim < 2]  # biases and norms: no weight decay
+        groups += [{"params": decay, "weight_decay": stage.weight_decay, "lr": lr}, {"params": no_decay, "weight_decay": 0.0, "lr": lr}]
+    opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=stage.lr, betas=tuple(stage.betas), fused=device.type == "cuda" or None)
     rng = random.Random(stage.seed)
     torch.manual_seed(stage.seed)
     per_epoch = math.ceil(len(samples) / stage.batch_size)

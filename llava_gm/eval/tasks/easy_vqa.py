@@ -58,11 +58,11 @@ def write_easy_vqa_jsonl(out_dir: str | Path, split: str = "test") -> Path:
 
 class EasyVQA(Task):
     name = "easy_vqa"
-    version = "1"
+    version = "2"  # 2: the bare question as prompt (answers are single words, learned from the training data)
     default_split = "test"
     official = "none (foundation benchmark): exact match after normalisation"
     metric_variant = "exact match after lowercase, punctuation and whitespace stripped; overall and per type"
-    prompt_template = "<image>\n{text}\n" + SHORT_ANSWER
+    prompt_template = "<image>\n{text}"
     downloads = "pip install easy-vqa (then --data easy_vqa:test), or the folder `llava-gm` data prep writes"
 
     def load(self, data: str, split: Optional[str], image_folder: Optional[str], problems: Problems) -> Loaded:
@@ -95,7 +95,7 @@ class EasyVQA(Task):
             path = image_file(root, r["image"], where, problems, key)
             if path:
                 text = r["text"].replace("<image>", "").replace(SHORT_ANSWER, "").strip()
-                questions.append(Question(key, f"<image>\n{text}\n{SHORT_ANSWER}", path, r["answer"], {"type": kind}, where))
+                questions.append(Question(key, f"<image>\n{text}", path, r["answer"], {"type": kind}, where))
         return Loaded(questions, split, files)
 
     def score(self, questions, predictions):

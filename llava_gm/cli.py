@@ -118,7 +118,9 @@ def cmd_answer(a):
 def _add_prepare(sub):
     p = sub.add_parser("prepare-data", help="build the offline easy-VQA data as LLaVA JSON")
     p.add_argument("--output", default="runs/data/easy-vqa")
-    p.set_defaults(func=lambda a: print(f"easy-VQA in LLaVA format: {__import__('llava_gm.data.easy_vqa', fromlist=['x']).build_easy_vqa(a.output)}"))
+    p.add_argument("--per-conversation", type=int, default=1, help="questions of an image packed into one multi-turn conversation")
+    p.set_defaults(func=lambda a: print("easy-VQA in LLaVA format: "
+                                        f"{__import__('llava_gm.data.easy_vqa', fromlist=['x']).build_easy_vqa(a.output, per_conversation=a.per_conversation)}"))
 
 
 def _add_demo(sub):

@@ -18,7 +18,7 @@ from .errors import LlavaGMError
 RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "offline-default.yaml"
 ENGLISH = Path(__file__).resolve().parent / "assets" / "english.txt"  # the same text for every row's perplexity
 # quick-run sizes (samples per stage), chosen so the demo fits its time budget on a 2-core CPU; --full uses all data
-QUICK = {"align": 800, "instruct": 400, "sparsify": 120}
+QUICK = {"align": 600, "instruct": 1600, "sparsify": 320}
 SAMPLE_QUESTIONS = 500  # a fixed sample of the test split (its first questions) for the untrained and stage-1 rows
 STAGE3_QUESTIONS = 2000  # stage-3 rows, compared with stage 2 on the same questions
 
@@ -86,7 +86,7 @@ def format_table(rows: list[dict]) -> str:
     for r in rows:
         pt = r["per_type"]
         lines.append(f"{r['model']:<20}{r['questions']:>10}{r['accuracy']:>7.2f}{pt.get('yes_no', 0):>8.2f}{pt.get('shape', 0):>7.2f}"
-                     f"{pt.get('color', 0):>7.2f}{r['perplexity']:>10.2f}{r['params_total'] / 1e6:>8.1f}M{r['params_activated'] / 1e6:>8.1f}M"
+                     f"{pt.get('color', 0):>7.2f}{r['perplexity']:>10.4g}{r['params_total'] / 1e6:>8.1f}M{r['params_activated'] / 1e6:>8.1f}M"
                      f"{r['gflops_per_sample']:>8.1f}{r['latency_ms']:>7.0f}ms")
     return "\n".join(lines)
 

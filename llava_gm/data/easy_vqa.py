@@ -60,8 +60,14 @@ def _describe(qas: list[tuple[str, str]]) -> tuple[str | None, str | None]:
     return color, shape
 
 
-def build_easy_vqa(out_dir: str | Path, seed: int = 0) -> Path:
-    """Write align.json, instruct.json, test_questions.jsonl and images/ into out_dir (once; atomic)."""
+def build_easy_vqa(out_dir: str | Path, seed: int = 0, per_conversation: int = 1) -> Path:
+    """Write align.json, instruct.json, test_questions.jsonl and images/ into out_dir (once; atomic).
+
+    `per_conversation` questions of an image go into one multi-turn conversation. The default is 1: in easy-VQA
+    the turns give each other away ("what is the blue shape?" tells the colour, and an earlier answer tells the
+    rest), so a model trained on packed turns learns to copy from the conversation instead of looking at the
+    image (measured: 48% test accuracy after 400 packed conversations, against single-question training).
+    """
     out_dir = Path(out_dir)
     if (out_dir / "instruct.json").is_file():
         return out_dir
@@ -91,12 +97,14 @@ def build_easy_vqa(out_dir: str | Path, seed: int = 0) -> Path:
                         {"from": "human", "value": f"<image>\n{rng.choice(CAPTION_PROMPTS)}"},
                         {"from": "gpt", "value": caption}]})
                 rng.shuffle(qas)
-                turns = []
-                for k, (q, a) in enumerate(qas):  # LLaVA-1.5 packs an image's VQA questions into one conversation
-                    # no "Answer ... single word" suffix: every answer here is one word, and eval prompts stay short
-                    prompt = f"<image>\n{q}" if k == 0 else q
-                    turns += [{"from": "human", "value": prompt}, {"from": "gpt", "value": a}]
-                instruct.append({"id": f"easyvqa-{image_id}", "image": image, "conversations": turns})
+                for c in range(0, len(qas), per_conversation):  # LLaVA-1.5 packs an image's questions into turns
+                    turns = []
+                    for k, (q, a) in enumerate(qas[c : c + per_conversation]):
+                        # no "Answer ... single word" suffix: every answer here is one word, and eval prompts stay short
+                        turns += [{"from": "human", "value": f"<image>\n{q}" if k == 0 else q}, {"from": "gpt", "value": a}]
+                    instruct.append({"id": f"easyvqa-{image_id}-{c}", "image": image, "conversations": turns})
+        rng.shuffle(align)  # so that the first N samples (--max-samples) cover many images
+        rng.shuffle(instruct)
         (tmp / "align.json").write_text(json.dumps(align))
         (tmp / "instruct.json").write_text(json.dumps(instruct))
     return out_dir

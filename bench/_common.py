@@ -51,8 +51,8 @@ def timed(fn, repeats: int, warmup: int = 1) -> list[float]:
     return times
 
 
-def matmul_tflops(n: int = 2048, repeats: int = 10) -> float:
-    """bf16 matmul throughput of this machine, measured now (the machine is shared: absolute numbers drift)."""
-    a, b = torch.randn(n, n, dtype=torch.bfloat16), torch.randn(n, n, dtype=torch.bfloat16)
+def matmul_tflops(n: int = 2048, repeats: int = 10, dtype=torch.bfloat16) -> float:
+    """Matmul throughput of this machine, measured now (the machine is shared: absolute numbers drift)."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     t = statistics.median(timed(lambda: a @ b, repeats, warmup=3))
     return 2 * n**3 / t / 1e12

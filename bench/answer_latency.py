@@ -1,7 +1,8 @@
 """Latency of one image + question -> short answer: llava-gm's Answerer vs transformers' generate, same weights.
 
 Both run the vision tower on the image (a new image is not in any cache), then produce exactly --new-tokens
-tokens greedily. Baseline: LlavaForConditionalGeneration.generate in fp32. Ours: bf16 weights, our KV-cache loop.
+tokens greedily. Baseline: LlavaForConditionalGeneration.generate in fp32. Ours: the Answerer (precision auto,
+our KV-cache loop); --pool N lets ours average image tokens first (same weights, fewer tokens for the LM).
 
     python bench/answer_latency.py [--runs 20] [--new-tokens 4]
 """
@@ -52,7 +53,10 @@ def main():
             out = hf.generate(input_ids=hf_ids, pixel_values=pixels, max_new_tokens=n, min_new_tokens=n, do_sample=False)
         return out[0, hf_ids.shape[1]:].tolist()
 
-    answerer = Answerer(model)  # moves the model to bf16 (the baseline keeps its own fp32 copy)
+    if a.pool > 1:  # same weights; the projector averages image tokens first, so the LM sees fewer of them
+        model.projector.pool = a.pool
+        model.num_image_tokens = model.projector.num_tokens(model.vision_tokens)
+    answerer = Answerer(model)  # precision auto: bf16 on GPUs / AMX CPUs, else fp32 (the baseline keeps its own fp32 copy)
     answerer.stop_ids = []  # exactly n tokens, as the baseline
 
     def ours():
@@ -61,9 +65,10 @@ def main():
     t_base = timed(baseline, a.runs)
     t_ours = timed(ours, a.runs)
     mb, mo = statistics.median(t_base), statistics.median(t_ours)
-    print(f"{a.runs} runs, {n} new tokens, prompt {len(ids)} tokens ({model.num_image_tokens} image tokens)")
+    print(f"{a.runs} runs, {n} new tokens, baseline prompt {len(ids)} tokens; ours: {model.num_image_tokens} image tokens, "
+          f"{str(next(answerer.model.lm.parameters()).dtype).replace('torch.', '')}")
     print(f"baseline (transformers generate, fp32): median {mb * 1000:7.1f} ms  p90 {pct(t_base, 0.9) * 1000:7.1f} ms")
-    print(f"llava-gm (Answerer, bf16, KV cache):     median {mo * 1000:7.1f} ms  p90 {pct(t_ours, 0.9) * 1000:7.1f} ms")
+    print(f"llava-gm (Answerer, KV cache):           median {mo * 1000:7.1f} ms  p90 {pct(t_ours, 0.9) * 1000:7.1f} ms")
     print(f"speed-up (median): {mb / mo:.2f}x   (target >= 3x)")
 
 

@@ -59,7 +59,7 @@ class ModelConfig:
     projector: ProjectorConfig = field(default_factory=ProjectorConfig)
     language: LanguageConfig = field(default_factory=LanguageConfig)
     sparse: SparseConfig = field(default_factory=SparseConfig)
-    image_token: str = "<image>"
+    image_token: str = "<image>"  # recorded for reference: LLaVA data marks the image with this fixed tag
 
 
 @dataclass

@@ -8,9 +8,6 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from ..config import LanguageConfig
 from ..errors import LlavaGMError
 
-OFFLINE_LANGUAGE = {"gemma3-270m"}
-
-
 def resolve_language_path(name: str) -> str:
     if name == "gemma3-270m":
         from .offline_gemma import gemma3_270m_dir

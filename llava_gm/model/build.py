@@ -9,7 +9,6 @@ loads on its own wherever those backbones can be loaded.
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 from typing import Optional
 
@@ -100,7 +99,3 @@ def load_checkpoint(path: str | Path, vision_tower=None) -> LlavaGM:
     model.trained_keys = set(state)
     model.history = history
     return model
-
-
-def describe(model: LlavaGM) -> str:
-    return json.dumps({"language": model.cfg.language.name, "vision": model.cfg.vision.name, "image_tokens": model.num_image_tokens, "sparse": model.cfg.sparse.kind})

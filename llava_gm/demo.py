@@ -19,8 +19,8 @@ RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "offline-default.y
 ENGLISH = Path(__file__).resolve().parent / "assets" / "english.txt"  # the same text for every row's perplexity
 # quick-run sizes (samples per stage), chosen so the demo fits its time budget on a 2-core CPU; --full uses all data
 QUICK = {"align": 600, "instruct": 1600, "sparsify": 320}
-SAMPLE_QUESTIONS = 500  # a fixed sample of the test split (its first questions) for the untrained and stage-1 rows
-STAGE3_QUESTIONS = 2000  # stage-3 rows, compared with stage 2 on the same questions
+SAMPLE_QUESTIONS = 300  # a fixed sample of the test split (its first questions) for the untrained and stage-1 rows
+STAGE3_QUESTIONS = 1000  # stage-3 rows, compared with stage 2 on the same questions
 
 
 def _stage(recipe: RecipeConfig, name: str):

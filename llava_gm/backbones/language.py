@@ -45,15 +45,6 @@ def load_language_model(cfg: LanguageConfig, dtype: torch.dtype = torch.float32)
     return lm, load_tokenizer(path)
 
 
-def decoder_layers(lm) -> torch.nn.ModuleList:
-    """The list of decoder blocks of a causal LM (Gemma, Llama, ... keep it at .model.layers)."""
-    decoder = lm.get_decoder()
-    layers = getattr(decoder, "layers", None)
-    if not isinstance(layers, torch.nn.ModuleList):
-        raise LlavaGMError(f"{type(lm).__name__}: cannot find its decoder layers (expected .layers on the decoder)")
-    return layers
-
-
 def stop_token_ids(lm, tokenizer) -> list[int]:
     """Ids that end a model turn: eos, the generation config's eos, and Gemma's <end_of_turn>."""
     ids = set()

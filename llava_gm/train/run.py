@@ -37,7 +37,7 @@ def _drop_bad_images(samples, failed: dict, stage: StageConfig, skipped, data: s
 
 def _sparse_param_names(model) -> set[str]:
     """Every parameter of the sparse layers: their frozen copies carry stage-2 weights, so they are saved too."""
-    from ..backbones.language import decoder_layers
+    from ..model.sparse import decoder_layers
 
     layers = decoder_layers(model.lm)
     mlps = {id(layers[i].mlp) for i in model.sparse_layers}

@@ -6,7 +6,11 @@ import pytest
 
 pytest.importorskip("easy_vqa")
 
-from llava_gm.data.easy_vqa import _describe, build_easy_vqa, question_type  # noqa: E402
+import random  # noqa: E402
+from collections import Counter  # noqa: E402
+
+from llava_gm.data.easy_vqa import _describe, balance_yes_no, build_easy_vqa, question_type, yes_no_form  # noqa: E402
+from llava_gm.errors import LlavaGMError  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -14,10 +18,17 @@ def data(tmp_path_factory):
     return build_easy_vqa(tmp_path_factory.mktemp("ev") / "easy-vqa", per_conversation=3)
 
 
+def _answers(instruct):
+    return [(r["conversations"][k]["value"], r["conversations"][k + 1]["value"]) for r in instruct for k in range(0, len(r["conversations"]), 2)]
+
+
 def test_splits_are_complete_and_apart(data):
     instruct = json.loads((data / "instruct.json").read_text())
     test = [json.loads(l) for l in (data / "test_questions.jsonl").read_text().splitlines()]
-    assert len(test) == 9673 and sum(len(r["conversations"]) // 2 for r in instruct) == 38575
+    qas = _answers(instruct)
+    # the test split stays whole; training keeps every open question (38,575 minus the yes/no surplus)
+    assert len(test) == 9673 and len(qas) == 20466
+    assert sum(a not in ("yes", "no") for _, a in qas) == 10168
     assert all(r["image"].startswith("images/train/") for r in instruct)
     assert all(q["image"].startswith("images/test/") for q in test)
     assert len({q["image"] for q in test}) == 1000 and (data / test[0]["image"]).is_file()
@@ -39,3 +50,24 @@ def test_captions_agree_with_the_answers(data):
     assert _describe([("what is the blue shape?", "circle"), ("is there not a red shape?", "yes")]) == (None, "circle")
     assert _describe([("is there a red shape?", "yes"), ("does the image not contain a triangle?", "no")]) == ("red", "triangle")
     assert all(r["conversations"][1]["value"].startswith("A ") for r in align[:50])
+
+
+def test_training_yes_no_answers_are_balanced_per_question_form(data):
+    qas = _answers(json.loads((data / "instruct.json").read_text()))
+    counts = Counter((yes_no_form(q.replace("<image>", "")), a) for q, a in qas if a in ("yes", "no"))
+    forms = {f for f, _ in counts}
+    assert len(forms) == 4 and all(counts[(f, "yes")] == counts[(f, "no")] for f in forms)
+    assert yes_no_form("is there not a red shape?") == (True, "color") and yes_no_form("is a circle present?") == (False, "shape")
+
+
+def test_balance_keeps_the_minority_and_open_questions():
+    items = [(i, "is there a red shape?", "no") for i in range(7)] + [(7, "is there a red shape?", "yes")]
+    items += [(8, "what is the shape?", "circle"), (9, "is no circle present?", "yes")]
+    kept = balance_yes_no(items, random.Random(0))
+    assert Counter(a for _, _, a in kept) == Counter({"no": 1, "yes": 1, "circle": 1})  # the unpaired "yes" has no partner
+
+
+def test_a_folder_built_with_other_settings_is_an_error_not_reused(data):
+    with pytest.raises(LlavaGMError, match="other settings"):
+        build_easy_vqa(data, per_conversation=1)
+    assert build_easy_vqa(data, per_conversation=3) == data

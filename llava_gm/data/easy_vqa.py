@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import shutil
 from pathlib import Path
 
@@ -60,16 +61,49 @@ def _describe(qas: list[tuple[str, str]]) -> tuple[str | None, str | None]:
     return color, shape
 
 
-def build_easy_vqa(out_dir: str | Path, seed: int = 0, per_conversation: int = 1) -> Path:
+def yes_no_form(question: str) -> tuple[bool, str]:
+    """A yes/no question's form: negated or not, and whether it names a colour or a shape."""
+    words = re.findall(r"[a-z]+", question.lower())
+    return any(w in ("not", "no") for w in words), "color" if any(w in COLORS for w in words) else "shape"
+
+
+def balance_yes_no(items: list[tuple], rng: random.Random) -> list[tuple]:
+    """Keep as many "yes" as "no" answers within each yes/no question form; other questions all stay.
+
+    easy-VQA's yes/no answers follow the wording: "is there a red shape?" is "no" 7 times in 8 (one colour of
+    eight is present), so a model can score 83% on them without looking at the image (measured: every stage-2
+    model we trained answered them from the text alone). Balanced answers, as VQA v2 built its pairs, leave the
+    image as the only way to answer. items: (image_id, question, answer).
+    """
+    groups: dict = {}
+    for it in items:
+        if it[2] in ("yes", "no"):
+            groups.setdefault((yes_no_form(it[1]), it[2]), []).append(it)
+    drop = set()
+    for (form, answer), members in groups.items():
+        other = len(groups.get((form, "no" if answer == "yes" else "yes"), []))
+        if len(members) > other:
+            drop |= {id(it) for it in rng.sample(members, len(members) - other)}
+    return [it for it in items if id(it) not in drop]
+
+
+def build_easy_vqa(out_dir: str | Path, seed: int = 0, per_conversation: int = 1, balance: bool = True) -> Path:
     """Write align.json, instruct.json, test_questions.jsonl and images/ into out_dir (once; atomic).
 
     `per_conversation` questions of an image go into one multi-turn conversation. The default is 1: in easy-VQA
     the turns give each other away ("what is the blue shape?" tells the colour, and an earlier answer tells the
     rest), so a model trained on packed turns learns to copy from the conversation instead of looking at the
     image (measured: 48% test accuracy after 400 packed conversations, against single-question training).
+    `balance` evens out yes and no in the training questions (see balance_yes_no); the test split stays whole.
     """
     out_dir = Path(out_dir)
+    settings = {"format": 2, "seed": seed, "per_conversation": per_conversation, "balance": balance}
     if (out_dir / "instruct.json").is_file():
+        marker = out_dir / "build.json"
+        built = json.loads(marker.read_text()) if marker.is_file() else {"format": 1}
+        if built != settings:
+            raise LlavaGMError(f"{out_dir} holds easy-VQA data built with other settings ({built}, wanted {settings}); "
+                               "remove the folder to rebuild it, or choose another output folder")
         return out_dir
     rng = random.Random(seed)
     with atomic_dir(out_dir) as tmp:
@@ -87,10 +121,16 @@ def build_easy_vqa(out_dir: str | Path, seed: int = 0, per_conversation: int = 1
                             f.write(json.dumps({"question_id": qid, "image": f"images/test/{image_id}.png", "text": q, "answer": a, "type": question_type(a)}) + "\n")
                             qid += 1
                 continue
+            kept = [(i, q, a) for i in sorted(per_image) for q, a in per_image[i]]
+            if balance:
+                kept = balance_yes_no(kept, random.Random(seed + 1))  # its own stream: captions stay as before
+            train_qas: dict[int, list] = {}
+            for i, q, a in kept:
+                train_qas.setdefault(i, []).append((q, a))
             for image_id in sorted(per_image):
-                qas = list(per_image[image_id])
                 image = f"images/train/{image_id}.png"
-                color, shape = _describe(qas)
+                color, shape = _describe(per_image[image_id])  # captions read every answer, balanced away or not
+                qas = train_qas.get(image_id, [])
                 if color or shape:
                     caption = f"A {color} {shape}." if color and shape else (f"A {color} shape." if color else f"A {shape}.")
                     align.append({"id": f"easyvqa-cap-{image_id}", "image": image, "conversations": [
@@ -107,4 +147,5 @@ def build_easy_vqa(out_dir: str | Path, seed: int = 0, per_conversation: int = 1
         rng.shuffle(instruct)
         (tmp / "align.json").write_text(json.dumps(align))
         (tmp / "instruct.json").write_text(json.dumps(instruct))
+        (tmp / "build.json").write_text(json.dumps(settings))
     return out_dir

@@ -119,9 +119,9 @@ def _add_prepare(sub):
     p = sub.add_parser("prepare-data", help="build the offline easy-VQA data as LLaVA JSON")
     p.add_argument("--output", default="runs/data/easy-vqa")
     p.add_argument("--per-conversation", type=int, default=1, help="questions of an image packed into one multi-turn conversation")
-    p.add_argument("--no-balance", action="store_true", help="keep every training yes/no question (answers then follow the wording)")
+    p.add_argument("--balance", action="store_true", help="as many yes as no answers per yes/no question form in training (no wording prior)")
     p.set_defaults(func=lambda a: print("easy-VQA in LLaVA format: " + str(__import__("llava_gm.data.easy_vqa", fromlist=["x"]).build_easy_vqa(
-        a.output, per_conversation=a.per_conversation, balance=not a.no_balance))))
+        a.output, per_conversation=a.per_conversation, balance=a.balance))))
 
 
 def _add_demo(sub):

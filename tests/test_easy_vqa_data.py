@@ -15,7 +15,7 @@ from llava_gm.errors import LlavaGMError  # noqa: E402
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    return build_easy_vqa(tmp_path_factory.mktemp("ev") / "easy-vqa", per_conversation=3)
+    return build_easy_vqa(tmp_path_factory.mktemp("ev") / "easy-vqa", per_conversation=3, balance=True)
 
 
 def _answers(instruct):
@@ -69,5 +69,5 @@ def test_balance_keeps_the_minority_and_open_questions():
 
 def test_a_folder_built_with_other_settings_is_an_error_not_reused(data):
     with pytest.raises(LlavaGMError, match="other settings"):
-        build_easy_vqa(data, per_conversation=1)
-    assert build_easy_vqa(data, per_conversation=3) == data
+        build_easy_vqa(data, per_conversation=3)  # unbalanced (the default) is another build
+    assert build_easy_vqa(data, per_conversation=3, balance=True) == data

@@ -72,8 +72,8 @@ def balance_yes_no(items: list[tuple], rng: random.Random) -> list[tuple]:
 
     easy-VQA's yes/no answers follow the wording: "is there a red shape?" is "no" 7 times in 8 (one colour of
     eight is present), so a model can score 83% on them without looking at the image (measured: every stage-2
-    model we trained answered them from the text alone). Balanced answers, as VQA v2 built its pairs, leave the
-    image as the only way to answer. items: (image_id, question, answer).
+    model we trained on the natural data answered them from the text alone). Balanced answers, as VQA v2 built
+    its pairs, leave the image as the only way to answer. items: (image_id, question, answer).
     """
     groups: dict = {}
     for it in items:
@@ -87,7 +87,7 @@ def balance_yes_no(items: list[tuple], rng: random.Random) -> list[tuple]:
     return [it for it in items if id(it) not in drop]
 
 
-def build_easy_vqa(out_dir: str | Path, seed: int = 0, per_conversation: int = 1, balance: bool = True) -> Path:
+def build_easy_vqa(out_dir: str | Path, seed: int = 0, per_conversation: int = 1, balance: bool = False) -> Path:
     """Write align.json, instruct.json, test_questions.jsonl and images/ into out_dir (once; atomic).
 
     `per_conversation` questions of an image go into one multi-turn conversation. The default is 1: in easy-VQA
@@ -95,6 +95,8 @@ def build_easy_vqa(out_dir: str | Path, seed: int = 0, per_conversation: int = 1
     rest), so a model trained on packed turns learns to copy from the conversation instead of looking at the
     image (measured: 48% test accuracy after 400 packed conversations, against single-question training).
     `balance` evens out yes and no in the training questions (see balance_yes_no); the test split stays whole.
+    It is off by default: the test split keeps the wording prior, and in the demo's budget a balanced-trained
+    model does not yet learn to check the image for yes/no (measured: yes/no 49.7% vs 83.1% from the prior).
     """
     out_dir = Path(out_dir)
     settings = {"format": 2, "seed": seed, "per_conversation": per_conversation, "balance": balance}

@@ -71,3 +71,15 @@ def test_a_folder_built_with_other_settings_is_an_error_not_reused(data):
     with pytest.raises(LlavaGMError, match="other settings"):
         build_easy_vqa(data, per_conversation=3)  # unbalanced (the default) is another build
     assert build_easy_vqa(data, per_conversation=3, balance=True) == data
+
+
+def test_wording_rule_is_the_bar_for_yes_no(data, tmp_path):
+    from llava_gm.demo import wording_rule_accuracy
+
+    rows = [{"text": "is there not a red shape?", "answer": "yes"}, {"text": "is there a circle?", "answer": "yes"},
+            {"text": "is no blue shape present?", "answer": "no"}, {"text": "is a circle present?", "answer": "no"},
+            {"text": "what is the shape?", "answer": "circle"}]
+    (tmp_path / "q.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    assert wording_rule_accuracy(tmp_path / "q.jsonl") == 50.0
+    # on easy-VQA's test split the rule answers 5,890 of 7,136 yes/no questions right without an image
+    assert round(wording_rule_accuracy(data / "test_questions.jsonl"), 2) == 82.54

@@ -75,19 +75,6 @@ def _row(name: str, answerer, checkpoint, data: Path, out: Path, limit=None) -> 
     }
 
 
-def wording_rule_accuracy(test_questions: Path) -> float:
-    """Yes/no accuracy of a rule that never looks at the image: a negated question gets "yes", any other "no".
-
-    easy-VQA's answers follow the wording (one colour of eight is present), so this is the bar a model's yes/no
-    score must clear before it shows that the model checks the image.
-    """
-    from .data.easy_vqa import yes_no_form
-
-    rows = [json.loads(line) for line in test_questions.read_text().splitlines() if line.strip()]
-    yes_no = [r for r in rows if r["answer"] in ("yes", "no")]
-    return 100.0 * sum((r["answer"] == "yes") == yes_no_form(r["text"])[0] for r in yes_no) / len(yes_no)
-
-
 def _accuracy_on(row: dict, keys: list[str]) -> float:
     return 100.0 * sum(row["correct"][k] for k in keys) / len(keys)
 
@@ -155,6 +142,8 @@ def run_demo(output: str = "runs/demo", full: bool = False, stage3: bool = True,
                        "moe": _accuracy_on(rows[3], keys), "evf": _accuracy_on(rows[4], keys)}
         table += (f"\non the same {len(keys)} questions: stage 2 {comparisons['stage2']:.2f}, MoE {comparisons['moe']:.2f}, "
                   f"EVF {comparisons['evf']:.2f}")
+    from .data.easy_vqa import wording_rule_accuracy
+
     rule = wording_rule_accuracy(data / "test_questions.jsonl")
     table += f"\nyes/no from the wording alone (negated -> yes, else no; no image): {rule:.2f}"
     print("\n" + table)

@@ -9,7 +9,7 @@ pytest.importorskip("easy_vqa")
 import random  # noqa: E402
 from collections import Counter  # noqa: E402
 
-from llava_gm.data.easy_vqa import _describe, balance_yes_no, build_easy_vqa, question_type, yes_no_form  # noqa: E402
+from llava_gm.data.easy_vqa import _describe, balance_yes_no, build_easy_vqa, question_type, wording_rule_accuracy, yes_no_form  # noqa: E402
 from llava_gm.errors import LlavaGMError  # noqa: E402
 
 
@@ -74,8 +74,6 @@ def test_a_folder_built_with_other_settings_is_an_error_not_reused(data):
 
 
 def test_wording_rule_is_the_bar_for_yes_no(data, tmp_path):
-    from llava_gm.demo import wording_rule_accuracy
-
     rows = [{"text": "is there not a red shape?", "answer": "yes"}, {"text": "is there a circle?", "answer": "yes"},
             {"text": "is no blue shape present?", "answer": "no"}, {"text": "is a circle present?", "answer": "no"},
             {"text": "what is the shape?", "answer": "circle"}]

@@ -67,6 +67,17 @@ def yes_no_form(question: str) -> tuple[bool, str]:
     return any(w in ("not", "no") for w in words), "color" if any(w in COLORS for w in words) else "shape"
 
 
+def wording_rule_accuracy(test_questions: Path) -> float:
+    """Yes/no accuracy of a rule that never looks at the image: a negated question gets "yes", any other "no".
+
+    easy-VQA's answers follow the wording (one colour of eight is present), so this is the bar a model's yes/no
+    score must clear before it shows that the model checks the image.
+    """
+    rows = [json.loads(line) for line in Path(test_questions).read_text().splitlines() if line.strip()]
+    yes_no = [r for r in rows if question_type(r["answer"]) == "yes_no"]
+    return 100.0 * sum((r["answer"] == "yes") == yes_no_form(r["text"])[0] for r in yes_no) / len(yes_no)
+
+
 def balance_yes_no(items: list[tuple], rng: random.Random) -> list[tuple]:
     """Keep as many "yes" as "no" answers within each yes/no question form; other questions all stay.
 
@@ -77,7 +88,7 @@ def balance_yes_no(items: list[tuple], rng: random.Random) -> list[tuple]:
     """
     groups: dict = {}
     for it in items:
-        if it[2] in ("yes", "no"):
+        if question_type(it[2]) == "yes_no":
             groups.setdefault((yes_no_form(it[1]), it[2]), []).append(it)
     drop = set()
     for (form, answer), members in groups.items():

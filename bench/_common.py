@@ -18,7 +18,9 @@ def offline_config(pool: int = 1):
     from llava_gm.config import RecipeConfig, load_yaml
 
     r = load_yaml(RecipeConfig, ROOT / "recipes" / "offline-default.yaml")
-    return dataclasses.replace(r.model, projector=dataclasses.replace(r.model.projector, pool=pool), sparse=dataclasses.replace(r.model.sparse, kind="none"))
+    # continuous image tokens: the baselines (transformers' Llava) have no word-token step
+    return dataclasses.replace(r.model, projector=dataclasses.replace(r.model.projector, pool=pool, word_tokens=False),
+                               sparse=dataclasses.replace(r.model.sparse, kind="none"))
 
 
 def easy_vqa_samples(model, n: int, turns: int = 4):

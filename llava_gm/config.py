@@ -26,6 +26,11 @@ class VisionConfig:
 class ProjectorConfig:
     type: Literal["linear", "mlp2x_gelu", "ldp"] = "mlp2x_gelu"
     pool: int = 1  # average-pool image tokens in pool x pool windows (1 = off) to cut tokens on small machines
+    # image tokens as words: each image token becomes the embedding of one word of the first stage's answers (the
+    # best-scoring one; gradients pass through the softmax), so the LM reads an image as it reads text
+    word_tokens: bool = False
+    word_ids: Optional[list[int]] = None  # that vocabulary: set by the first stage from its answers' tokens
+    word_targets: Optional[list[int]] = None  # its content words (in under half the answers), the word loss's targets
 
 
 @dataclass
@@ -73,6 +78,7 @@ class StageConfig:
     lora_rank: int = 64
     lora_alpha: int = 128
     train_embeddings: bool = True  # stage 2: also train the (tied) token embeddings
+    word_loss: float = 0.0  # with projector.word_tokens: weight of "the image tokens name every content word of the answer"
     lr: float = 1e-3
     projector_lr: Optional[float] = None  # a separate rate for the projector (nanoVLM-style per-module rates); None = lr
     epochs: float = 1.0

@@ -125,7 +125,9 @@ def run_demo(output: str = "runs/demo", full: bool = False, stage3: bool = True,
         ckpt["evf"] = timed("sparsify_evf", lambda: _train(sized("sparsify"), out / "sparsify-evf", base_cfg, ckpt["instruct"], sparse=evf))
 
     def evaluate_all():
-        rows = [_row("untrained", Answerer(build_model(base_cfg), model_id="untrained"), None, data, out / "eval-untrained.json", SAMPLE_QUESTIONS),
+        # before stage 1 there is no word vocabulary: the untrained row feeds the (random) projector output as is
+        untrained = dataclasses.replace(base_cfg, projector=dataclasses.replace(base_cfg.projector, word_tokens=False))
+        rows = [_row("untrained", Answerer(build_model(untrained), model_id="untrained"), None, data, out / "eval-untrained.json", SAMPLE_QUESTIONS),
                 _row("stage 1 (align)", Answerer.from_checkpoint(ckpt["align"]), ckpt["align"], data, out / "eval-align.json", SAMPLE_QUESTIONS),
                 _row("stage 2 (instruct)", Answerer.from_checkpoint(ckpt["instruct"]), ckpt["instruct"], data, out / "eval-instruct.json")]
         if stage3:

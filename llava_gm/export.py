@@ -19,6 +19,8 @@ def to_hf_llava(model, image_token_id: int | None = None):
     tower = model.vision_tower
     if not isinstance(tower, HFVisionTower) or model.cfg.projector.pool != 1 or model.cfg.projector.type not in ("mlp2x_gelu", "linear"):
         raise LlavaGMError("export needs an HF vision tower and an unpooled linear/mlp2x_gelu projector")
+    if model.cfg.projector.word_tokens:
+        raise LlavaGMError("export of a word-token projector is not supported: transformers' Llava feeds the MLP output to the LM")
     if model.sparse_layers:
         raise LlavaGMError("export of sparse (MoE/EVF) models is not supported: transformers' Llava has dense FFNs")
     if model.cfg.projector.type == "linear":

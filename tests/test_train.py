@@ -1,11 +1,12 @@
 """Training stages on tiny backbones: the loss falls, the plan freezes what it says, checkpoints reload, bad data is named."""
 
+import dataclasses
 import json
 
 import pytest
 import torch
 
-from llava_gm.config import StageConfig
+from llava_gm.config import ProjectorConfig, StageConfig
 from llava_gm.errors import LlavaGMError
 from llava_gm.model.build import build_model, load_checkpoint, read_checkpoint_config
 from llava_gm.train.run import run_stage
@@ -124,3 +125,39 @@ def test_features_are_computed_once_and_reused(tmp_path, tiny_model_config, shap
     assert calls == [len({image_key(p) for p in paths})]  # identical images are encoded once
     assert calls[0] > 1
     assert all(torch.equal(a[p], b[p]) for p in paths)
+
+
+def test_word_tokens_take_their_words_from_stage_one_and_embed_exactly_one_word(tmp_path, tiny_model_config, shapes_data):
+    cfg = dataclasses.replace(tiny_model_config, projector=ProjectorConfig(word_tokens=True))
+    r = run_stage(StageConfig(name="align", data=str(shapes_data), batch_size=8, word_loss=1.0), tmp_path / "a", model_cfg=cfg, **QUIET)
+    model = load_checkpoint(r["checkpoint"])
+    ids, targets = model.cfg.projector.word_ids, model.cfg.projector.word_targets
+    tok = model.tokenizer
+    rows = json.loads(shapes_data.read_text())
+    per_sample = [{t for turn in row["conversations"] if turn["from"] == "gpt" for t in tok(turn["value"], add_special_tokens=False)["input_ids"]}
+                  for row in rows]
+    assert set(ids) == set().union(*per_sample)  # every answer token, no end-of-turn or special token
+    assert set(targets) == {t for t in ids if sum(t in s for s in per_sample) < len(rows) / 2}
+    log = json.loads((tmp_path / "a" / "train_log.json").read_text())
+    assert all(step["aux_words"] > 0 for step in log["steps"])  # the word loss was on
+    # each image token is exactly one word's scaled embedding, the best-scoring one
+    table = model.lm.get_input_embeddings()
+    scale = float(getattr(table, "embed_scale", 1.0))
+    words = table.weight[ids].float().detach()
+    with torch.no_grad():
+        out = model.to_words(torch.randn(2, 3, words.shape[1]))
+        best = model._word_probs.argmax(-1)
+        torch.testing.assert_close(out, words[best] * scale)
+        assert torch.allclose(model._word_probs.sum(-1), torch.ones(2, 3))
+    # gradients reach the projector through the softmax
+    proj = torch.randn(1, 2, words.shape[1], requires_grad=True)
+    model.to_words(proj).sum().backward()
+    assert proj.grad is not None and proj.grad.abs().sum() > 0
+    # stage 2 keeps stage 1's words
+    r2 = run_stage(StageConfig(name="instruct", data=str(shapes_data), batch_size=8, max_samples=8), tmp_path / "b", init=r["checkpoint"], **QUIET)
+    assert read_checkpoint_config(r2["checkpoint"])[0].projector.word_ids == ids
+    from llava_gm.infer import Answerer  # and it answers through the KV-cache path
+
+    row = rows[0]
+    answer = Answerer.from_checkpoint(r2["checkpoint"]).answer([{"prompt": row["conversations"][0]["value"], "image": str(shapes_data.parent / row["image"])}], max_new_tokens=3, progress=False)
+    assert isinstance(answer[0], str)

@@ -62,9 +62,47 @@ class LlavaGM(nn.Module):
         if image_features is None:
             raise LlavaGMError("the input has <image> slots but no image features were given")
         proj = self.projector(image_features.to(self.projector_dtype))
+        if self.cfg.projector.word_tokens:
+            proj = self.to_words(proj)
         if proj.shape[0] * proj.shape[1] != n_slots:
             raise LlavaGMError(f"{n_slots} image slots in the text but {proj.shape[0]} images x {proj.shape[1]} tokens of features")
         return embeds.masked_scatter(image_mask.unsqueeze(-1), proj.to(embeds.dtype))
+
+    def to_words(self, proj: torch.Tensor) -> torch.Tensor:
+        """[B, T, D] projector outputs -> the scaled embedding of each token's best word (straight-through).
+
+        Scores: s * cos(proj, e_w) over the vocabulary `word_ids`. Forward uses the one best word, exactly as a text
+        token would embed (a soft mix of words the LM does not read as words: measured, yes/no stays at the wording
+        rule); backward goes through the softmax. The softmax is kept for the word loss.
+        """
+        table = self.lm.get_input_embeddings()
+        ids = self.cfg.projector.word_ids
+        if not ids:
+            raise LlavaGMError("projector.word_tokens needs projector.word_ids: train a first stage (align) with it on")
+        words = table.weight[torch.tensor(ids, device=table.weight.device)].float()
+        query = F.normalize(proj.float(), dim=-1) * self.projector.word_logit_scale.exp()
+        soft = torch.softmax(query @ F.normalize(words, dim=-1).T, dim=-1)
+        self._word_probs = soft
+        hard = F.one_hot(soft.argmax(-1), soft.shape[-1]).to(soft.dtype)
+        mixed = (hard + soft - soft.detach()) @ words
+        scale = getattr(table, "embed_scale", None)  # Gemma multiplies its embeddings by sqrt(width)
+        return (mixed * scale.float() if scale is not None else mixed).to(proj.dtype)
+
+    def word_loss(self, input_ids: torch.Tensor, labels: torch.Tensor) -> Optional[torch.Tensor]:
+        """-log of the image tokens' mean probability for each content word in a sample's labels (bag of words)."""
+        probs = getattr(self, "_word_probs", None)
+        if probs is None:
+            return None
+        index = {t: k for k, t in enumerate(self.cfg.projector.word_ids)}
+        targets = set(self.cfg.projector.word_targets or [])
+        pooled = probs.mean(1)  # [images, words]
+        terms = []
+        with_image = labels[(input_ids == IMAGE_TOKEN_ID).any(1)]  # image k belongs to the k-th sample showing one
+        for b, row in enumerate(with_image.tolist()):
+            named = sorted({index[t] for t in row if t in targets and t in index})
+            if named:
+                terms.append(-torch.log(pooled[b, named] + 1e-9).mean())
+        return torch.stack(terms).mean() if terms else None
 
     @property
     def projector_dtype(self):
@@ -79,7 +117,8 @@ class LlavaGM(nn.Module):
             set_modality(self.lm, image_mask, sample_has_image, None if token_mask is None else token_mask.bool())
 
     # ---- training -----------------------------------------------------------------------------
-    def forward(self, input_ids, attention_mask, labels, image_features=None) -> ForwardOutput:
+    def forward(self, input_ids, attention_mask, labels, image_features=None, word_loss: float = 0.0) -> ForwardOutput:
+        self._word_probs = None
         embeds = self.embed(input_ids, image_features)
         self._set_modality(input_ids, (input_ids == IMAGE_TOKEN_ID).any(1), attention_mask)
         pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
@@ -97,6 +136,10 @@ class LlavaGM(nn.Module):
             from .sparse import aux_losses
 
             aux = aux_losses(self.lm)
+        if word_loss and self.cfg.projector.word_tokens:
+            named = self.word_loss(input_ids, labels)
+            if named is not None:
+                aux["words"] = word_loss * named
         loss = lm_loss + sum(aux.values()) if aux else lm_loss
         return ForwardOutput(loss, lm_loss, aux, n)
 

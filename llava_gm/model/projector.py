@@ -52,6 +52,8 @@ class Projector(nn.Module):
         else:
             raise LlavaGMError(f"projector.type {cfg.type!r}: use linear, mlp2x_gelu or ldp")
         self.type = cfg.type
+        if cfg.word_tokens:  # inverse temperature of the word softmax, log scale: a flat softmax would learn nothing
+            self.word_logit_scale = nn.Parameter(torch.tensor(math.log(30.0)))
 
     def num_tokens(self, vision_tokens: int) -> int:
         side = math.isqrt(vision_tokens)

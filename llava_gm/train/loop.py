@@ -100,7 +100,7 @@ def train_loop(model, stage: StageConfig, samples: list[Sample], features: dict,
             batches = length_grouped_batches(samples, stage.batch_size, rng)
         batch = collate(batches.pop(), features, pad_id, device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            out = model(**batch)
+            out = model(**batch, word_loss=stage.word_loss)
         (out.loss / stage.grad_accum).backward()
         acc["loss"] += out.loss.item() / stage.grad_accum
         acc["lm_loss"] += out.lm_loss.item() / stage.grad_accum

@@ -9,6 +9,7 @@ from typing import Callable, Optional
 
 import torch
 
+from ..backbones.language import stop_token_ids
 from ..config import ModelConfig, SparseConfig, StageConfig
 from ..data.conversation import ConversationEncoder, SampleError
 from ..data.features import FeatureCache
@@ -69,6 +70,20 @@ def _loss_plot(steps: list[dict], title: str) -> bytes:
     return buf.getvalue()
 
 
+def answer_words(samples, model) -> tuple[list[int], list[int]]:
+    """The word-token projector's vocabulary: every token the answers use (special and stop tokens left out), and
+    its content words: those in under half of the answers ("A" and "." in every caption are not content)."""
+    special = set(model.tokenizer.all_special_ids) | set(stop_token_ids(model.lm, model.tokenizer))
+    per_sample = [{t for t in s.encoded.labels if t >= 0 and t not in special} for s in samples]
+    seen: dict[int, int] = {}
+    for words in per_sample:
+        for t in words:
+            seen[t] = seen.get(t, 0) + 1
+    if not seen:
+        raise LlavaGMError("the word-token projector needs answers with words in its first training stage's data")
+    return sorted(seen), sorted(t for t, n in seen.items() if n < 0.5 * len(per_sample))
+
+
 def run_stage(stage: StageConfig, output: str | Path, model_cfg: Optional[ModelConfig] = None, init: Optional[str] = None,
               sparse: Optional[SparseConfig] = None, progress: bool = True, say: Callable[[str], None] = print) -> dict:
     """Train `stage` starting from checkpoint `init` (or fresh backbones from `model_cfg`); write a checkpoint to `output`."""
@@ -101,6 +116,10 @@ def run_stage(stage: StageConfig, output: str | Path, model_cfg: Optional[ModelC
     cache = FeatureCache(model.vision_tower)
     features, failed = cache.features([s.image for s in samples if s.image is not None], progress=progress)
     samples = _drop_bad_images(samples, failed, stage, skipped, stage.data)
+    if model.cfg.projector.word_tokens and model.cfg.projector.word_ids is None:
+        model.cfg.projector.word_ids, model.cfg.projector.word_targets = answer_words(samples, model)
+        say(f"word-token projector: {len(model.cfg.projector.word_ids)} words from this stage's answers, "
+            f"{len(model.cfg.projector.word_targets)} of them content words")
     if len(skipped):
         say(skipped.summary())
     say(f"{len(samples)} samples from {stage.data}; vision features cached in {cache.root}")

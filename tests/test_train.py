@@ -161,3 +161,9 @@ def test_word_tokens_take_their_words_from_stage_one_and_embed_exactly_one_word(
     row = rows[0]
     answer = Answerer.from_checkpoint(r2["checkpoint"]).answer([{"prompt": row["conversations"][0]["value"], "image": str(shapes_data.parent / row["image"])}], max_new_tokens=3, progress=False)
     assert isinstance(answer[0], str)
+
+
+def test_word_loss_without_word_tokens_is_an_error_naming_the_setting(tmp_path, tiny_model_config, shapes_data):
+    with pytest.raises(LlavaGMError, match="word_tokens"):
+        run_stage(StageConfig(name="align", data=str(shapes_data), word_loss=1.0), tmp_path / "a", model_cfg=tiny_model_config, **QUIET)
+    assert not (tmp_path / "a").exists()

@@ -94,6 +94,9 @@ def run_stage(stage: StageConfig, output: str | Path, model_cfg: Optional[ModelC
         raise LlavaGMError(f"stage {stage.name}: no training data given (--data or the recipe's stages[].data)")
     torch.manual_seed(stage.seed)
     model = load_checkpoint(init) if init else build_model(model_cfg or ModelConfig())
+    if stage.word_loss and not model.cfg.projector.word_tokens:
+        raise LlavaGMError(f"stage {stage.name}: word_loss needs a word-token projector (model.projector.word_tokens: true); "
+                           "set it in the recipe, or set word_loss to 0")
     if stage.name == "sparsify" and not model.sparse_layers:
         if sparse is None or sparse.kind == "none":
             raise LlavaGMError("stage sparsify needs a sparse layer kind: --sparse moe|evf (or model.sparse.kind in the recipe)")

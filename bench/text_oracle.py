@@ -2,7 +2,7 @@
 
 The stage-2 models answer yes/no exactly as the wording rule does (negated -> yes, else no), which raises the
 question whether the LM can learn the check at all in the demo's budget. This trains stage 2 from the base LM on
---samples training questions whose prompt holds the caption ("The image shows a red circle.") instead of the
+--samples training questions whose prompt holds the stage-1 caption ("A red circle.") instead of the
 image, with the offline recipe's stage-2 settings, then answers the first --limit test questions the same way.
 Named baseline: the wording rule on the same test questions (it never reads the caption).
 
@@ -29,7 +29,7 @@ def main():
     a = ap.parse_args()
 
     from llava_gm.config import RecipeConfig, load_yaml
-    from llava_gm.data.easy_vqa import _describe, _load, question_type, yes_no_form
+    from llava_gm.data.easy_vqa import _describe, _load, caption, question_type, yes_no_form
     from llava_gm.eval.tasks.easy_vqa import easy_vqa_normalize
     from llava_gm.infer import Answerer
     from llava_gm.train.run import run_stage
@@ -38,8 +38,8 @@ def main():
         per_image, _ = _load(split)
         out = []
         for image_id in sorted(per_image):
-            color, shape = _describe(per_image[image_id])
-            out += [(f"The image shows a {color} {shape}.\n{q}", ans) for q, ans in per_image[image_id]]
+            described = caption(*_describe(per_image[image_id]))
+            out += [(f"{described}\n{q}", ans) for q, ans in per_image[image_id]]
         return out
 
     recipe = load_yaml(RecipeConfig, ROOT / "recipes" / "offline-default.yaml")

@@ -61,6 +61,11 @@ def _describe(qas: list[tuple[str, str]]) -> tuple[str | None, str | None]:
     return color, shape
 
 
+def caption(color: str | None, shape: str | None) -> str:
+    """The stage-1 caption of an image from what its answers tell ("A red circle.", "A red shape.", "A circle.")."""
+    return f"A {color} {shape}." if color and shape else (f"A {color} shape." if color else f"A {shape}.")
+
+
 def yes_no_form(question: str) -> tuple[bool, str]:
     """A yes/no question's form: negated or not, and whether it names a colour or a shape."""
     words = re.findall(r"[a-z]+", question.lower())
@@ -145,10 +150,9 @@ def build_easy_vqa(out_dir: str | Path, seed: int = 0, per_conversation: int = 1
                 color, shape = _describe(per_image[image_id])  # captions read every answer, balanced away or not
                 qas = train_qas.get(image_id, [])
                 if color or shape:
-                    caption = f"A {color} {shape}." if color and shape else (f"A {color} shape." if color else f"A {shape}.")
                     align.append({"id": f"easyvqa-cap-{image_id}", "image": image, "conversations": [
                         {"from": "human", "value": f"<image>\n{rng.choice(CAPTION_PROMPTS)}"},
-                        {"from": "gpt", "value": caption}]})
+                        {"from": "gpt", "value": caption(color, shape)}]})
                 rng.shuffle(qas)
                 for c in range(0, len(qas), per_conversation):  # LLaVA-1.5 packs an image's questions into turns
                     turns = []

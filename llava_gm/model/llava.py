@@ -91,18 +91,18 @@ class LlavaGM(nn.Module):
     def word_loss(self, input_ids: torch.Tensor, labels: torch.Tensor) -> Optional[torch.Tensor]:
         """-log of the image tokens' mean probability for each content word in a sample's labels (bag of words)."""
         probs = getattr(self, "_word_probs", None)
-        if probs is None:
+        targets = self.cfg.projector.word_targets
+        if probs is None or not targets:
             return None
-        index = {t: k for k, t in enumerate(self.cfg.projector.word_ids)}
-        targets = set(self.cfg.projector.word_targets or [])
-        pooled = probs.mean(1)  # [images, words]
-        terms = []
+        where = [self.cfg.projector.word_ids.index(t) for t in targets]
+        pooled = probs.mean(1)[:, where]  # [images, content words]
         with_image = labels[(input_ids == IMAGE_TOKEN_ID).any(1)]  # image k belongs to the k-th sample showing one
-        for b, row in enumerate(with_image.tolist()):
-            named = sorted({index[t] for t in row if t in targets and t in index})
-            if named:
-                terms.append(-torch.log(pooled[b, named] + 1e-9).mean())
-        return torch.stack(terms).mean() if terms else None
+        named = (with_image.unsqueeze(-1) == torch.tensor(targets, device=labels.device)).any(1).to(pooled.dtype)
+        count = named.sum(-1)
+        if not bool((count > 0).any()):
+            return None
+        per_sample = -(torch.log(pooled + 1e-9) * named).sum(-1) / count.clamp(min=1)
+        return per_sample[count > 0].mean()
 
     @property
     def projector_dtype(self):

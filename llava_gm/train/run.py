@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+from collections import Counter
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -74,14 +75,10 @@ def answer_words(samples, model) -> tuple[list[int], list[int]]:
     """The word-token projector's vocabulary: every token the answers use (special and stop tokens left out), and
     its content words: those in under half of the answers ("A" and "." in every caption are not content)."""
     special = set(model.tokenizer.all_special_ids) | set(stop_token_ids(model.lm, model.tokenizer))
-    per_sample = [{t for t in s.encoded.labels if t >= 0 and t not in special} for s in samples]
-    seen: dict[int, int] = {}
-    for words in per_sample:
-        for t in words:
-            seen[t] = seen.get(t, 0) + 1
+    seen = Counter(t for s in samples for t in {t for t in s.encoded.labels if t >= 0 and t not in special})  # answers per word
     if not seen:
         raise LlavaGMError("the word-token projector needs answers with words in its first training stage's data")
-    return sorted(seen), sorted(t for t, n in seen.items() if n < 0.5 * len(per_sample))
+    return sorted(seen), sorted(t for t, n in seen.items() if n < 0.5 * len(samples))
 
 
 def run_stage(stage: StageConfig, output: str | Path, model_cfg: Optional[ModelConfig] = None, init: Optional[str] = None,

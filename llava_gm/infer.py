@@ -19,6 +19,7 @@ from .data.conversation import ConversationEncoder
 from .data.features import FeatureCache, encode_images
 from .errors import LlavaGMError
 from .model.build import checkpoint_hash, load_checkpoint
+from .model.fast_lm import FastLM
 from .precision import compute_dtype
 
 ImageLike = Union[Image.Image, str, Path, None]
@@ -29,7 +30,8 @@ def default_device() -> torch.device:
 
 
 class Answerer:
-    def __init__(self, model, model_id: str = "llava-gm", checkpoint_hash: str = "", dtype: Optional[torch.dtype] = None, device=None):
+    def __init__(self, model, model_id: str = "llava-gm", checkpoint_hash: str = "", dtype: Optional[torch.dtype] = None, device=None,
+                 fast: bool = True):
         self.device = torch.device(device) if device else default_device()
         dtype = dtype or compute_dtype(self.device)
         self.model = model.to(self.device, dtype).eval().requires_grad_(False)
@@ -40,11 +42,13 @@ class Answerer:
         self.encoder = ConversationEncoder(model.tokenizer, model.num_image_tokens, max_length=10**9)
         self.stop_ids = stop_token_ids(model.lm, model.tokenizer)
         self._cache: Optional[FeatureCache] = None
+        # same weights, leaner generation (model/fast_lm.py); a snapshot, so the model must not train after this
+        self.fast = FastLM(self.model.lm) if fast else None
 
     @classmethod
-    def from_checkpoint(cls, path: Union[str, Path], dtype: Optional[torch.dtype] = None, device=None) -> "Answerer":
+    def from_checkpoint(cls, path: Union[str, Path], dtype: Optional[torch.dtype] = None, device=None, fast: bool = True) -> "Answerer":
         model = load_checkpoint(path)
-        return cls(model, model_id=Path(path).name, checkpoint_hash=checkpoint_hash(path), dtype=dtype, device=device)
+        return cls(model, model_id=Path(path).name, checkpoint_hash=checkpoint_hash(path), dtype=dtype, device=device, fast=fast)
 
     # ---- images --------------------------------------------------------------------------------
     def image_features(self, images: list[ImageLike], progress: bool = False) -> dict[int, torch.Tensor]:
@@ -93,7 +97,7 @@ class Answerer:
             stacked = torch.stack([feats[first[key]] for key in keys]).to(self.device, self.model.projector_dtype) if keys else None
             index = [keys.index(image_key[k]) if image_key[k] is not None else -1 for k in idx]
             out = self.model.generate([prompts[k] for k in idx], stacked, index, max_new_tokens=max_new_tokens, temperature=temperature,
-                                      top_p=top_p, stop_ids=self.stop_ids, generator=gen)
+                                      top_p=top_p, stop_ids=self.stop_ids, generator=gen, fast=self.fast)
             for k, toks in zip(idx, out):
                 answers[k] = self.model.tokenizer.decode(toks, skip_special_tokens=True).strip()
             bar.update(len(idx))

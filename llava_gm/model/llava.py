@@ -164,15 +164,18 @@ class LlavaGM(nn.Module):
         top_p: float = 1.0,
         stop_ids: Optional[list[int]] = None,
         generator: Optional[torch.Generator] = None,
+        fast=None,
     ) -> list[list[int]]:
         """Batched generation with a KV cache; returns each prompt's new tokens, stop token excluded.
 
         `prompts` hold IMAGE_TOKEN_ID slots. `image_features` [n_images, N, D]; `image_index[i]` says which of them
         prompt i shows (-1: none); without it, the prompts with slots take the images in order. Prompts that show
         the same image with the same tokens up to it (several questions about one image) share one prefill of that
-        prefix, whose KV cache is then copied to each of them.
+        prefix, whose KV cache is then copied to each of them. `fast` (a `fast_lm.FastLM` built from these weights)
+        swaps in the lean decoder and the screened greedy head.
         """
         device = next(self.lm.parameters()).device
+        decoder = fast.decoder if fast is not None and fast.decoder is not None else self.decoder
         if image_index is None:
             it = iter(range(len(prompts)))
             image_index = [next(it) if IMAGE_TOKEN_ID in p else -1 for p in prompts]
@@ -192,14 +195,14 @@ class LlavaGM(nn.Module):
             feats = image_features[[key[0] for key in groups]]
             self._set_modality(ids, torch.ones(len(prefixes), dtype=torch.bool, device=device), mask)
             pos = (mask.cumsum(-1) - 1).clamp(min=0)
-            cache = self.decoder(inputs_embeds=self.embed(ids, feats), attention_mask=mask, position_ids=pos, use_cache=True).past_key_values
+            cache = decoder(inputs_embeds=self.embed(ids, feats), attention_mask=mask, position_ids=pos, use_cache=True).past_key_values
             cache.reorder_cache(torch.tensor(owner, device=device))  # each prompt gets its prefix's keys and values
             suffix, suffix_mask = self._left_pad([p[c:] for p, c in zip(prompts, cuts)], device)
             # padding sits between prefix and suffix; the mask hides it and positions skip it
             mask = torch.cat([mask[owner], suffix_mask], 1)
             pos = (mask.cumsum(-1) - 1).clamp(min=0)[:, -suffix.shape[1] :]
             self._set_modality(suffix, has_image, suffix_mask)
-            out = self.decoder(inputs_embeds=self.embed(suffix, None), attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
+            out = decoder(inputs_embeds=self.embed(suffix, None), attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
         else:
             ids, mask = self._left_pad(prompts, device)
             feats = None
@@ -207,10 +210,11 @@ class LlavaGM(nn.Module):
                 feats = image_features[[k for k in image_index if k >= 0]]
             pos = (mask.cumsum(-1) - 1).clamp(min=0)
             self._set_modality(ids, has_image, mask)
-            out = self.decoder(inputs_embeds=self.embed(ids, feats), attention_mask=mask, position_ids=pos, use_cache=True)
-        return self._decode(out, mask, pos[:, -1:], has_image, max_new_tokens, temperature, top_p, stop_ids, generator)
+            out = decoder(inputs_embeds=self.embed(ids, feats), attention_mask=mask, position_ids=pos, use_cache=True)
+        head = fast.head if fast is not None and temperature == 0 else None
+        return self._decode(decoder, head, out, mask, pos[:, -1:], has_image, max_new_tokens, temperature, top_p, stop_ids, generator)
 
-    def _decode(self, out, mask, pos, has_image, max_new_tokens, temperature, top_p, stop_ids, generator) -> list[list[int]]:
+    def _decode(self, decoder, head, out, mask, pos, has_image, max_new_tokens, temperature, top_p, stop_ids, generator) -> list[list[int]]:
         """Token-by-token continuation from a prefill's output (logits only at the last position)."""
         pad = self.tokenizer.pad_token_id
         cache, last = out.past_key_values, out.last_hidden_state[:, -1]
@@ -218,8 +222,12 @@ class LlavaGM(nn.Module):
         done = torch.zeros(mask.shape[0], dtype=torch.bool, device=mask.device)
         new = []
         for step in range(max_new_tokens):
-            logits = self.logits_from_hidden(last).float()
-            nxt = _sample(logits / temperature, top_p, generator) if temperature > 0 else logits.argmax(-1)
+            if temperature > 0:
+                nxt = _sample(self.logits_from_hidden(last).float() / temperature, top_p, generator)
+            elif head is not None:  # the screened head; a final soft cap keeps the order, so the argmax is the same
+                nxt = head(last)
+            else:
+                nxt = self.logits_from_hidden(last).float().argmax(-1)
             nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
             new.append(nxt)
             done = done | torch.isin(nxt, stop)
@@ -228,8 +236,8 @@ class LlavaGM(nn.Module):
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
             pos = pos + 1
             self._set_modality(torch.zeros_like(nxt[:, None]), has_image)  # decoded tokens are text
-            out = self.decoder(inputs_embeds=self.lm.get_input_embeddings()(nxt[:, None]), attention_mask=mask, position_ids=pos,
-                               past_key_values=cache, use_cache=True)
+            out = decoder(inputs_embeds=self.lm.get_input_embeddings()(nxt[:, None]), attention_mask=mask, position_ids=pos,
+                          past_key_values=cache, use_cache=True)
             cache, last = out.past_key_values, out.last_hidden_state[:, -1]
         stops = set(stop_ids or [])
         result = []

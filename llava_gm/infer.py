@@ -6,6 +6,7 @@ template as training; image features of files come from the same on-disk cache a
 
 from __future__ import annotations
 
+import functools
 import math
 from pathlib import Path
 from typing import Optional, Union
@@ -42,8 +43,13 @@ class Answerer:
         self.encoder = ConversationEncoder(model.tokenizer, model.num_image_tokens, max_length=10**9)
         self.stop_ids = stop_token_ids(model.lm, model.tokenizer)
         self._cache: Optional[FeatureCache] = None
-        # same weights, leaner generation (model/fast_lm.py); a snapshot, so the model must not train after this
-        self.fast = FastLM(self.model.lm) if fast else None
+        self.use_fast = fast
+
+    @functools.cached_property
+    def fast(self) -> Optional[FastLM]:
+        """Same weights, leaner generation (model/fast_lm.py): built at the first answer (~2 s for Gemma 3 270M),
+        not for log-likelihood work; a snapshot, so the model must not train after it."""
+        return FastLM(self.model.lm) if self.use_fast else None
 
     @classmethod
     def from_checkpoint(cls, path: Union[str, Path], dtype: Optional[torch.dtype] = None, device=None, fast: bool = True) -> "Answerer":

@@ -53,7 +53,7 @@ class PackedLinear:
 
 def _rms_weight(norm: nn.Module) -> tuple[torch.Tensor, float]:
     """Gemma's RMSNorm scales by (1 + w), computed in fp32: fold the 1 in once."""
-    return (1.0 + norm.weight.detach().float()), float(getattr(norm, "eps", getattr(norm, "variance_epsilon", 1e-6)))
+    return (1.0 + norm.weight.detach().float()), float(norm.eps)
 
 
 def _rms(x: torch.Tensor, weight_eps: tuple[torch.Tensor, float]) -> torch.Tensor:
@@ -83,9 +83,6 @@ class KVCache:
         """Row b of the batch becomes row index[b] (one shared prefill copied to several prompts)."""
         self.k = [None if t is None else t.index_select(0, index) for t in self.k]
         self.v = [None if t is None else t.index_select(0, index) for t in self.v]
-
-    def get_seq_length(self) -> int:
-        return 0 if self.k[0] is None else self.k[0].shape[2]
 
 
 class _Layer:
@@ -223,9 +220,9 @@ class GreedyHead:
     MAX_CANDIDATES = 16384
     TOP = 16  # 4-bit favourites scored exactly first, to set the floor
 
-    def __init__(self, weight: torch.Tensor, packed, scales_zeros, err_norm: torch.Tensor, q_norm: torch.Tensor):
+    def __init__(self, weight: torch.Tensor, packed, scales_zeros, slack: torch.Tensor):
         self.weight, self.packed, self.scales_zeros = weight, packed, scales_zeros
-        self.err_norm, self.q_norm = err_norm, q_norm
+        self.slack = slack  # per word: ||W_i - Q_i|| + ||Q_i|| / 128, times ||h|| bounds the 4-bit error
         self.full = PackedLinear(weight)
         self.screened = 0  # candidates scored exactly, over all calls (tests and benches read it)
 
@@ -239,27 +236,33 @@ class GreedyHead:
         n, k = w.shape
         if k % cls.GROUP or n % 16:
             return None, f"output layer {n}x{k} does not tile into 4-bit groups of {cls.GROUP}"
-        wf = w.float().view(n, k // cls.GROUP, cls.GROUP)
-        lo, hi = wf.amin(-1, keepdim=True), wf.amax(-1, keepdim=True)
-        scale = ((hi - lo) / 15).clamp(min=1e-12)
-        q = torch.round((wf - lo) / scale).clamp(0, 15)
-        deq = (q * scale + lo).view(n, k)
+        q = torch.empty(n, k, dtype=torch.int32)
+        scales_zeros = torch.empty(k // cls.GROUP, n, 2, dtype=torch.bfloat16)
+        slack = torch.empty(n)
+        for r in range(0, n, 8192):  # in row blocks: whole-matrix temporaries cost seconds of page faults
+            wf = w[r : r + 8192].float().view(-1, k // cls.GROUP, cls.GROUP)
+            lo, hi = wf.amin(-1, keepdim=True), wf.amax(-1, keepdim=True)
+            # the kernel dequantises (q - 8) * scale + zero with bf16 scale and zero: bound the error of exactly that
+            scale = ((hi - lo) / 15).clamp(min=1e-12).bfloat16().float()
+            zero = (lo + 8 * scale).bfloat16().float()
+            qb = torch.round((wf - zero) / scale + 8).clamp(0, 15)
+            deq = (qb - 8) * scale + zero
+            q[r : r + 8192] = qb.view(-1, k).to(torch.int32)
+            scales_zeros[:, r : r + 8192] = torch.stack([scale.squeeze(-1).t(), zero.squeeze(-1).t()], -1)
+            slack[r : r + 8192] = (wf - deq).flatten(1).norm(dim=1) + deq.flatten(1).norm(dim=1) / 128
         try:
-            packed = torch._convert_weight_to_int4pack_for_cpu(q.view(n, k).to(torch.int32), 8)
+            packed = torch._convert_weight_to_int4pack_for_cpu(q, 8)
         except RuntimeError as e:
             return None, f"4-bit packing failed: {e}"
-        # the kernel dequantises (q - 8) * scale + zero, so zero = lo + 8 * scale; layout [groups, n, 2]
-        scales_zeros = torch.stack([scale.view(n, -1).t(), (lo + 8 * scale).view(n, -1).t()], -1).to(torch.bfloat16).contiguous()
-        err = (w.float() - deq).norm(dim=1)
-        return cls(w.to(torch.bfloat16) if w.dtype != torch.float32 else w, packed, scales_zeros, err, deq.norm(dim=1)), ""
+        return cls(w.to(torch.bfloat16) if w.dtype != torch.float32 else w, packed, scales_zeros, slack), ""
 
     @torch.no_grad()
     def __call__(self, h: torch.Tensor) -> torch.Tensor:
         """h [rows, hidden] -> token ids [rows]."""
-        if h.shape[0] > self.MAX_ROWS:
+        if h.shape[0] > self.MAX_ROWS:  # a batch: the plain bf16 argmax, as transformers' greedy search takes it
             return self.full(h.to(self.weight.dtype)).float().argmax(-1)
         approx = torch._weight_int4pack_mm_for_cpu(h.to(torch.bfloat16).contiguous(), self.packed, self.GROUP, self.scales_zeros).float()
-        upper = approx + h.float().norm(dim=-1, keepdim=True) * (self.err_norm + self.q_norm / 128) + approx.abs() / 128
+        upper = approx + h.float().norm(dim=-1, keepdim=True) * self.slack + approx.abs() / 128
         out = []
         for row in range(h.shape[0]):
             x = h[row].float()

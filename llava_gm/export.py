@@ -40,7 +40,7 @@ def to_hf_llava(model, image_token_id: int | None = None):
         multimodal_projector_bias=True,
     )
     hf = LlavaForConditionalGeneration(cfg)
-    hf.model.vision_tower.load_state_dict(tower.model.state_dict())
+    hf.model.vision_tower.load_state_dict(tower.full_state_dict())
     hf.model.language_model.load_state_dict(model.lm.get_decoder().state_dict())
     hf.lm_head.load_state_dict(model.lm.get_output_embeddings().state_dict())
     net = model.projector.net

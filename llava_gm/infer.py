@@ -21,7 +21,7 @@ from .data.features import FeatureCache, encode_images
 from .errors import LlavaGMError
 from .model.build import checkpoint_hash, load_checkpoint
 from .model.fast_lm import FastLM
-from .precision import compute_dtype
+from .precision import bf16_matmul_weights, compute_dtype, use_bf16
 
 ImageLike = Union[Image.Image, str, Path, None]
 
@@ -32,33 +32,46 @@ def default_device() -> torch.device:
 
 class Answerer:
     def __init__(self, model, model_id: str = "llava-gm", checkpoint_hash: str = "", dtype: Optional[torch.dtype] = None, device=None,
-                 fast: bool = True):
+                 fast: bool = True, compile: bool = False):
         self.device = torch.device(device) if device else default_device()
         dtype = dtype or compute_dtype(self.device)
         self.model = model.to(self.device, dtype).eval().requires_grad_(False)
         if model.vision_tower is not None:
-            model.vision_tower.float()  # features as in training: fp32 weights under bf16 autocast
+            model.vision_tower.float()  # features as in training: fp32 weights under bf16 autocast ...
+            if use_bf16(self.device):  # ... whose casts bf16-stored matmul weights skip, bitwise the same
+                bf16_matmul_weights(model.vision_tower)
         self.model_id = model_id
         self.checkpoint_hash = checkpoint_hash
         self.encoder = ConversationEncoder(model.tokenizer, model.num_image_tokens, max_length=10**9)
         self.stop_ids = stop_token_ids(model.lm, model.tokenizer)
         self._cache: Optional[FeatureCache] = None
         self.use_fast = fast
+        self.compile = compile
 
     @functools.cached_property
     def fast(self) -> Optional[FastLM]:
         """Same weights, leaner generation (model/fast_lm.py): built at the first answer (~2 s for Gemma 3 270M),
-        not for log-likelihood work; a snapshot, so the model must not train after it."""
-        return FastLM(self.model.lm) if self.use_fast else None
+        not for log-likelihood work; a snapshot, so the model must not train after it. With `compile`, decode
+        steps also go through torch.compile (model/compiled.py: ~25 s per new shape, then faster steps)."""
+        return FastLM(self.model.lm, compile=self.compile) if self.use_fast or self.compile else None
+
+    @functools.cached_property
+    def compiled_tower(self):
+        from .model.compiled import CompiledTower
+
+        return CompiledTower(self.model.vision_tower)
 
     @classmethod
-    def from_checkpoint(cls, path: Union[str, Path], dtype: Optional[torch.dtype] = None, device=None, fast: bool = True) -> "Answerer":
+    def from_checkpoint(cls, path: Union[str, Path], dtype: Optional[torch.dtype] = None, device=None, fast: bool = True,
+                        compile: bool = False) -> "Answerer":
         model = load_checkpoint(path)
-        return cls(model, model_id=Path(path).name, checkpoint_hash=checkpoint_hash(path), dtype=dtype, device=device, fast=fast)
+        return cls(model, model_id=Path(path).name, checkpoint_hash=checkpoint_hash(path), dtype=dtype, device=device, fast=fast,
+                   compile=compile)
 
     # ---- images --------------------------------------------------------------------------------
     def image_features(self, images: list[ImageLike], progress: bool = False) -> dict[int, torch.Tensor]:
-        """Features by item index; files go through the on-disk cache, PIL images are encoded directly."""
+        """Features by item index; files go through the on-disk cache, PIL images are encoded directly
+        (through the compiled tower with `compile`)."""
         tower = self.model.vision_tower
         out: dict[int, torch.Tensor] = {}
         files = {i: Path(im) for i, im in enumerate(images) if isinstance(im, (str, Path))}
@@ -70,7 +83,8 @@ class Answerer:
             out.update({i: feats[p] for i, p in files.items()})
         pils = {i: im for i, im in enumerate(images) if isinstance(im, Image.Image)}
         if pils:
-            out.update(zip(pils, encode_images(tower, list(pils.values()))))
+            encode = self.compiled_tower if self.compile else lambda ims: encode_images(tower, ims)
+            out.update(zip(pils, encode(list(pils.values()))))
         return out
 
     # ---- generation ----------------------------------------------------------------------------

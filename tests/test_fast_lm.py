@@ -59,3 +59,89 @@ def test_answers_same_with_and_without_fast_path(tiny_checkpoint, shapes_data):
     slow = Answerer.from_checkpoint(tiny_checkpoint, dtype=torch.float32, fast=False)
     assert fast.fast is not None and fast.fast.decoder is not None
     assert fast.answer(items, max_new_tokens=6, progress=False) == slow.answer(items, max_new_tokens=6, progress=False)
+
+
+def _decode_both(dec, fast, other, lens, steps, seed=0):
+    """Prefill left-padded prompts, then `steps` one-token steps through both decoders; yields hidden-state pairs."""
+    torch.manual_seed(seed)
+    ids = torch.randint(10, 300, (len(lens), max(lens)))
+    mask = torch.zeros_like(ids)
+    for i, n in enumerate(lens):
+        mask[i, max(lens) - n :] = 1
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        a = fast(inputs_embeds=dec.embed_tokens(ids), attention_mask=mask, position_ids=pos)
+        b = other(inputs_embeds=dec.embed_tokens(ids), attention_mask=mask, position_ids=pos)
+        yield a.last_hidden_state[mask.bool()], b.last_hidden_state[mask.bool()]
+        p = pos[:, -1:]
+        for _ in range(steps):
+            mask, p = torch.cat([mask, torch.ones_like(mask[:, :1])], 1), p + 1
+            e = dec.embed_tokens(torch.randint(10, 300, (len(lens), 1)))
+            a = fast(inputs_embeds=e, attention_mask=mask, position_ids=p, past_key_values=a.past_key_values)
+            b = other(inputs_embeds=e, attention_mask=mask, position_ids=p, past_key_values=b.past_key_values)
+            yield a.last_hidden_state, b.last_hidden_state
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3"])
+def test_compiled_decode_steps_match_the_fast_decoder(tmp_path, family, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    from llava_gm.model import compiled
+    from llava_gm.model.compiled import CompiledDecoder, StaticKVCache
+
+    monkeypatch.setattr(compiled, "CAPACITY_STEP", 16)  # 12 + 10 tokens outgrow one capacity step: the cache grows
+    lm = AutoModelForCausalLM.from_pretrained(tiny.make_lm(tmp_path, family), dtype=torch.float32).eval()
+    dec = lm.get_decoder()
+    fast, _ = FastDecoder.build(dec)
+    comp, why = CompiledDecoder.build(dec, fast)
+    assert comp is not None, why
+    pairs = list(_decode_both(dec, fast, comp, [12, 5, 9], 10))
+    for a, b in pairs:  # past the sliding window of 8, with Gemma 2's soft-capped attention
+        assert torch.allclose(a, b, atol=1e-4)
+    assert comp.failed is None
+
+
+def test_compiled_step_failure_falls_back_to_the_fast_decoder(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from llava_gm.model.compiled import CompiledDecoder
+
+    lm = AutoModelForCausalLM.from_pretrained(tiny.make_lm(tmp_path, "gemma3"), dtype=torch.float32).eval()
+    dec = lm.get_decoder()
+    fast, _ = FastDecoder.build(dec)
+    comp, _ = CompiledDecoder.build(dec, fast)
+
+    def broken(*args):
+        raise RuntimeError("no C++ compiler found")
+
+    comp.step = broken
+    with pytest.warns(UserWarning, match="no C\\+\\+ compiler found"):
+        pairs = list(_decode_both(dec, fast, comp, [6, 3], 4))
+    assert comp.failed and all(torch.allclose(a, b, atol=1e-5) for a, b in pairs)
+
+
+def test_compile_is_refused_for_sparse_layers_with_a_reason(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from llava_gm.model.fast_lm import FastLM
+
+    lm = AutoModelForCausalLM.from_pretrained(tiny.make_lm(tmp_path, "gemma3"), dtype=torch.float32).eval()
+    lm.get_decoder().layers[1].mlp = torch.nn.Sequential(torch.nn.Linear(64, 64))  # stands in for an MoE layer
+    fl = FastLM(lm, compile=True)
+    assert any("sparse (MoE / EVF) layers" in n for n in fl.notes)
+
+
+def test_answers_same_with_compile(tiny_checkpoint, shapes_data):
+    from PIL import Image
+
+    from llava_gm.infer import Answerer
+
+    paths = sorted((shapes_data.parent / "images").glob("*.png"))[:3]
+    items = [{"prompt": "what color is the shape?", "image": Image.open(p).convert("RGB")} for p in paths]  # in memory: the compiled tower
+    eager = Answerer.from_checkpoint(tiny_checkpoint, dtype=torch.float32)
+    comp = Answerer.from_checkpoint(tiny_checkpoint, dtype=torch.float32, compile=True)
+    assert comp.answer(items, max_new_tokens=6, batch_size=1, progress=False) == eager.answer(items, max_new_tokens=6, batch_size=1, progress=False)
+    assert comp.compiled_tower.failed is None and comp.fast.decoder.failed is None
+    feats = comp.image_features([it["image"] for it in items])
+    want = eager.image_features([it["image"] for it in items])
+    assert all(torch.allclose(feats[i].float(), want[i].float(), atol=1e-2) for i in range(3))

@@ -48,8 +48,31 @@ class HFVisionTower(torch.nn.Module):
         # SigLIP has no CLS token; DINOv2 may also carry register tokens after CLS
         self.num_prefix = 0 if self.kind == "siglip" else 1 + getattr(vc, "num_register_tokens", 0)
         self.drop_cls = cfg.drop_cls
+        self._drop_unused_layers()
         safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", cfg.name.strip("/"))
         self.cache_name = f"{safe}@{self.image_size}_L{cfg.select_layer}{'' if cfg.drop_cls else '_cls'}"
+
+    def _drop_unused_layers(self) -> None:
+        """Layers after the selected one never reach the features (LLaVA's penultimate layer: 1 of 12-24 layers of
+        compute): drop them and index the selected layer from the front, so outputs are unchanged."""
+        encoder = getattr(self.model, "vision_model", self.model).encoder
+        name = "layers" if hasattr(encoder, "layers") else "layer"
+        layers = getattr(encoder, name)
+        n = len(layers)
+        if not -n - 1 <= self.select_layer <= n:
+            raise LlavaGMError(f"vision select_layer {self.select_layer} is out of range for a {n}-layer tower")
+        self.select_layer %= n + 1  # hidden_states[i] is the output of layer i (0: the embeddings)
+        setattr(encoder, name, layers[: self.select_layer])
+        # kept outside the module tree (no compute, no device moves) for exports, which write whole towers
+        self.__dict__["_unused_layers"] = list(layers[self.select_layer :])
+        self._layers_key = ("vision_model.encoder." if hasattr(self.model, "vision_model") else "encoder.") + name
+
+    def full_state_dict(self) -> dict:
+        """The tower's weights including the dropped layers, keyed as in the original model."""
+        sd = self.model.state_dict()
+        for i, layer in enumerate(self._unused_layers, start=self.select_layer):
+            sd.update({f"{self._layers_key}.{i}.{k}": v for k, v in layer.state_dict().items()})
+        return sd
 
     def preprocess(self, images: list[Image.Image]) -> torch.Tensor:
         images = [im.convert("RGB") for im in images]

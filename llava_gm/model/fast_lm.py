@@ -30,35 +30,39 @@ def _can_pack(w: torch.Tensor) -> bool:
     return w.device.type == "cpu" and w.dtype in (torch.bfloat16, torch.float32) and torch.backends.mkldnn.is_available()
 
 
-class PackedLinear:
-    """y = x @ W.T with W packed once into oneDNN's blocked layout (CPU); plain `F.linear` elsewhere."""
+class PackedLinear(nn.Module):
+    """y = x @ W.T with W packed once into oneDNN's blocked layout (CPU); plain `F.linear` elsewhere, or with
+    `pack=False` (for torch.compile, whose freezing packs the weight itself)."""
 
-    def __init__(self, weight: torch.Tensor):
+    def __init__(self, weight: torch.Tensor, pack: bool = True):
+        super().__init__()
         self.out_features = weight.shape[0]
-        self.weight = weight.detach().contiguous()
+        self.weight = nn.Parameter(weight.detach().contiguous(), requires_grad=False)
         self.packed = None
-        if _can_pack(self.weight):
+        if pack and _can_pack(self.weight):
             try:
-                self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight, 1)
+                self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.data, 1)
                 self.weight = None  # the packed copy is all we need
             except (RuntimeError, AttributeError):
                 self.packed = None
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is None:
             return F.linear(x, self.weight)
         y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), self.packed, None, "none", [], "")
         return y.view(*x.shape[:-1], self.out_features)
 
 
-def _rms_weight(norm: nn.Module) -> tuple[torch.Tensor, float]:
-    """Gemma's RMSNorm scales by (1 + w), computed in fp32: fold the 1 in once."""
-    return (1.0 + norm.weight.detach().float()), float(norm.eps)
+class _Norm(nn.Module):
+    """Gemma's RMSNorm, computed in fp32 and scaled by (1 + w): the 1 folded in once."""
 
+    def __init__(self, norm: nn.Module):
+        super().__init__()
+        self.weight = nn.Parameter(1.0 + norm.weight.detach().float(), requires_grad=False)
+        self.eps = float(norm.eps)
 
-def _rms(x: torch.Tensor, weight_eps: tuple[torch.Tensor, float]) -> torch.Tensor:
-    w, eps = weight_eps
-    return F.rms_norm(x.float(), (x.shape[-1],), w, eps).to(x.dtype)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x.float(), (x.shape[-1],), self.weight, self.eps).to(x.dtype)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -85,34 +89,37 @@ class KVCache:
         self.v = [None if t is None else t.index_select(0, index) for t in self.v]
 
 
-class _Layer:
-    def __init__(self, layer: nn.Module):
+class _Layer(nn.Module):
+    """One decoder layer on fused weights; `pack=False` keeps plain weights (for torch.compile)."""
+
+    def __init__(self, layer: nn.Module, pack: bool = True):
+        super().__init__()
         attn = layer.self_attn
         self.heads = attn.q_proj.out_features // attn.head_dim
         self.kv_heads = attn.k_proj.out_features // attn.head_dim
         self.head_dim = attn.head_dim
-        self.qkv = PackedLinear(torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]))
-        self.o = PackedLinear(attn.o_proj.weight)
-        self.q_norm = _rms_weight(attn.q_norm) if hasattr(attn, "q_norm") else None
-        self.k_norm = _rms_weight(attn.k_norm) if hasattr(attn, "k_norm") else None
+        self.qkv = PackedLinear(torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]), pack)
+        self.o = PackedLinear(attn.o_proj.weight, pack)
+        self.q_norm = _Norm(attn.q_norm) if hasattr(attn, "q_norm") else None
+        self.k_norm = _Norm(attn.k_norm) if hasattr(attn, "k_norm") else None
         self.scaling = float(attn.scaling)
         self.softcap = getattr(attn, "attn_logit_softcapping", None)
         self.window = getattr(attn, "sliding_window", None)
         self.layer_type = getattr(attn, "layer_type", None)
-        self.input_norm = _rms_weight(layer.input_layernorm)
+        self.input_norm = _Norm(layer.input_layernorm)
         # Gemma 2/3 norm the attention and FFN outputs too; Gemma 1's `post_attention_layernorm` is its pre-FFN norm
         self.sandwich = hasattr(layer, "pre_feedforward_layernorm")
         if self.sandwich:
-            self.post_attn_norm = _rms_weight(layer.post_attention_layernorm)
-            self.pre_ffn_norm = _rms_weight(layer.pre_feedforward_layernorm)
-            self.post_ffn_norm = _rms_weight(layer.post_feedforward_layernorm)
+            self.post_attn_norm = _Norm(layer.post_attention_layernorm)
+            self.pre_ffn_norm = _Norm(layer.pre_feedforward_layernorm)
+            self.post_ffn_norm = _Norm(layer.post_feedforward_layernorm)
         else:
-            self.pre_ffn_norm = _rms_weight(layer.post_attention_layernorm)
+            self.pre_ffn_norm = _Norm(layer.post_attention_layernorm)
         mlp = layer.mlp
         self.dense = all(isinstance(getattr(mlp, n, None), nn.Linear) for n in ("gate_proj", "up_proj", "down_proj"))
         if self.dense:
-            self.gate_up = PackedLinear(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]))
-            self.down = PackedLinear(mlp.down_proj.weight)
+            self.gate_up = PackedLinear(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]), pack)
+            self.down = PackedLinear(mlp.down_proj.weight, pack)
             self.act = mlp.act_fn
         else:
             self.mlp = mlp  # a sparse FFN of stage 3: its own routing, called as is
@@ -123,15 +130,15 @@ class _Layer:
         gate, up = self.gate_up(x).chunk(2, -1)
         return self.down(self.act(gate) * up)
 
-    def __call__(self, h, cos_sin, masks, cache: KVCache, index: int):
+    def forward(self, h, cos_sin, masks, cache: KVCache, index: int):
         b, t, _ = h.shape
-        x = _rms(h, self.input_norm)
+        x = self.input_norm(h)
         q, k, v = self.qkv(x).split([self.heads * self.head_dim, self.kv_heads * self.head_dim, self.kv_heads * self.head_dim], -1)
         q = q.view(b, t, self.heads, self.head_dim).transpose(1, 2)
         k = k.view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
         if self.q_norm is not None:
-            q, k = _rms(q, self.q_norm), _rms(k, self.k_norm)
+            q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = cos_sin
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
@@ -147,10 +154,15 @@ class _Layer:
             a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scaling, enable_gqa=self.heads != self.kv_heads)
         a = self.o(a.transpose(1, 2).reshape(b, t, self.heads * self.head_dim))
         if self.sandwich:
-            h = h + _rms(a, self.post_attn_norm)
-            return h + _rms(self.ffn(_rms(h, self.pre_ffn_norm)), self.post_ffn_norm)
+            h = h + self.post_attn_norm(a)
+            return h + self.post_ffn_norm(self.ffn(self.pre_ffn_norm(h)))
         h = h + a
-        return h + self.ffn(_rms(h, self.pre_ffn_norm))
+        return h + self.ffn(self.pre_ffn_norm(h))
+
+
+# nn.Module's call machinery (hooks) costs a few microseconds per call, ~200 calls per token: call forward directly
+for _cls in (PackedLinear, _Norm, _Layer):
+    _cls.__call__ = _cls.forward
 
 
 class FastDecoder:
@@ -161,7 +173,7 @@ class FastDecoder:
 
     def __init__(self, decoder: nn.Module):
         self.layers = [_Layer(layer) for layer in decoder.layers]
-        self.norm = _rms_weight(decoder.norm)
+        self.norm = _Norm(decoder.norm)
         self.rotary = decoder.rotary_emb
         self.rotary_by_type = "layer_type" in inspect.signature(self.rotary.forward).parameters
 
@@ -175,34 +187,40 @@ class FastDecoder:
             return None, "bidirectional attention"
         return cls(decoder), ""
 
-    def _masks(self, attention_mask: torch.Tensor, t: int) -> dict:
-        """Boolean [batch, 1, t, past + t] masks: causal, padding hidden, and per sliding window (by cache index,
-        as transformers counts it). Each token always sees itself, so rows of padding stay finite."""
+    def masks(self, attention_mask: torch.Tensor, t: int, capacity: Optional[int] = None) -> dict:
+        """Boolean [batch, 1, t, keys] masks: causal, padding hidden, and per sliding window (by cache index, as
+        transformers counts it). Each token always sees itself, so rows of padding stay finite. `capacity`: keys
+        of a fixed-size cache, whose slots past the attention mask's length are hidden (they lie in the future)."""
         s = attention_mask.shape[1]
-        key = torch.arange(s, device=attention_mask.device)
-        query = key[s - t :, None]
-        causal = key[None, :] <= query
-        base = causal[None] & attention_mask.bool()[:, None, :]
+        key = torch.arange(capacity or s, device=attention_mask.device)
+        query = key[s - t : s, None]
+        valid = F.pad(attention_mask.bool(), (0, len(key) - s))
+        base = (key[None, :] <= query)[None] & valid[:, None, :]
         masks = {}
         for window in {layer.window for layer in self.layers}:
             m = base if not window else base & (key[None, :] > query - window)[None]
             masks[window] = (m | (key[None, :] == query)[None])[:, None]
         return masks
 
+    def cos_sin(self, h: torch.Tensor, position_ids: torch.Tensor) -> dict:
+        """Rotary cos and sin per layer type (Gemma 3's local and global layers use different bases)."""
+        out = {}
+        for layer in self.layers:
+            if layer.layer_type not in out:
+                args = (layer.layer_type,) if self.rotary_by_type else ()
+                cos, sin = self.rotary(h, position_ids, *args)
+                out[layer.layer_type] = (cos[:, None], sin[:, None])
+        return out
+
     @torch.no_grad()
     def __call__(self, inputs_embeds, attention_mask, position_ids, past_key_values: Optional[KVCache] = None, use_cache=True, **_):
         h = inputs_embeds
         cache = past_key_values if past_key_values is not None else KVCache(len(self.layers))
-        masks = self._masks(attention_mask, h.shape[1])
-        cos_sin = {}
-        for layer in self.layers:
-            if layer.layer_type not in cos_sin:
-                args = (layer.layer_type,) if self.rotary_by_type else ()
-                cos, sin = self.rotary(h, position_ids, *args)
-                cos_sin[layer.layer_type] = (cos[:, None], sin[:, None])
+        masks = self.masks(attention_mask, h.shape[1])
+        cos_sin = self.cos_sin(h, position_ids)
         for i, layer in enumerate(self.layers):
             h = layer(h, cos_sin[layer.layer_type], masks, cache, i)
-        return SimpleNamespace(last_hidden_state=_rms(h, self.norm), past_key_values=cache)
+        return SimpleNamespace(last_hidden_state=self.norm(h), past_key_values=cache)
 
 
 class GreedyHead:
@@ -280,9 +298,17 @@ class GreedyHead:
 
 
 class FastLM:
-    """The fast pieces that apply to a causal LM; `notes` says which were left out and why."""
+    """The fast pieces that apply to a causal LM; `notes` says which were left out and why. `compile=True` also
+    runs one-token decode steps through torch.compile (model/compiled.py)."""
 
-    def __init__(self, lm: nn.Module):
+    def __init__(self, lm: nn.Module, compile: bool = False):
         self.decoder, why_decoder = FastDecoder.build(lm.get_decoder())
         self.head, why_head = GreedyHead.build(lm.get_output_embeddings())
-        self.notes = [f"{what}: {why}" for what, why in (("fast decoder", why_decoder), ("screened head", why_head)) if why]
+        whys = [("fast decoder", why_decoder), ("screened head", why_head)]
+        if compile:
+            from .compiled import CompiledDecoder
+
+            compiled, why_compiled = CompiledDecoder.build(lm.get_decoder(), self.decoder)
+            self.decoder = compiled or self.decoder
+            whys.append(("compiled decode step", why_compiled))
+        self.notes = [f"{what}: {why}" for what, why in whys if why]

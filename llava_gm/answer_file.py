@@ -37,11 +37,11 @@ def read_questions(path: str | Path, image_folder: str | Path, on_bad: str = "fa
     return rows, skipped
 
 
-def answer_questions(checkpoint, questions, image_folder, output, batch_size=32, on_bad="fail", **decoding) -> Path:
+def answer_questions(checkpoint, questions, image_folder, output, batch_size=32, on_bad="fail", compile=False, **decoding) -> Path:
     from .infer import Answerer
 
     rows, skipped = read_questions(questions, image_folder, on_bad)
-    answerer = Answerer.from_checkpoint(checkpoint)
+    answerer = Answerer.from_checkpoint(checkpoint, compile=compile)
     items = [{"prompt": (f"<image>\n{r['text']}" if "image_path" in r and "<image>" not in r["text"] else r["text"]),
               "image": r.get("image_path")} for r in rows]
     texts = answerer.answer(items, batch_size=batch_size, **decoding)

@@ -35,19 +35,49 @@ def test_fast_decoder_matches_transformers(tmp_path, family):
             assert torch.allclose(a.last_hidden_state, b.last_hidden_state, atol=1e-4)
 
 
-def test_greedy_head_is_the_exact_argmax():
+def _planted(n, rows, loud, seed):
+    """Hidden states whose channels `loud` are 20x larger, as LMs' are."""
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(rows, n, generator=g)
+    h[:, loud] *= 20
+    return h
+
+
+@pytest.mark.parametrize("calibrate", [False, True])
+def test_greedy_head_is_the_exact_argmax(calibrate):
     torch.manual_seed(0)
     w = (torch.randn(4096, 640) * 0.03).bfloat16()
     head = torch.nn.Linear(640, 4096, bias=False)
     head.weight.data = w
-    greedy, why = GreedyHead.build(head)
+    loud = torch.randperm(640)[:24]
+    greedy, why = GreedyHead.build(head, _planted(640, 64, loud, 1) if calibrate else None)
     assert greedy is not None, why
+    assert len(greedy.outliers) == (32 if calibrate else 0)
+    if calibrate:
+        assert set(loud.tolist()) <= set(greedy.outliers.tolist())  # the loud channels were found
     for trial in range(40):
-        h = torch.randn(2, 640) * 3 if trial % 2 else w[torch.randint(0, 4096, (2,))].float() * 40 + torch.randn(2, 640)
+        if trial % 3 == 0:
+            h = torch.randn(2, 640) * 3
+        elif trial % 3 == 1:
+            h = w[torch.randint(0, 4096, (2,))].float() * 40 + torch.randn(2, 640)
+        else:
+            h = _planted(640, 2, loud, trial) * 0.3
         h = h.bfloat16()
         assert torch.equal(greedy(h), (h.float() @ w.float().t()).argmax(-1))
     assert 0 < greedy.screened < 40 * 2 * 4096  # it screened: fewer words scored exactly than the vocabulary
     assert int(greedy(torch.zeros(1, 640, dtype=torch.bfloat16))[0]) == 0  # all tied: the lowest id
+
+
+def test_exact_outlier_channels_tighten_the_screen():
+    torch.manual_seed(0)
+    head = torch.nn.Linear(640, 4096, bias=False)
+    head.weight.data = (torch.randn(4096, 640) * 0.03).bfloat16()
+    loud = torch.randperm(640)[:24]
+    plain, _ = GreedyHead.build(head)
+    split, _ = GreedyHead.build(head, _planted(640, 64, loud, 1))
+    h = (_planted(640, 4, loud, 7) * 0.3).bfloat16()
+    assert torch.equal(plain(h), split(h))
+    assert split.screened * 3 < plain.screened
 
 
 def test_answers_same_with_and_without_fast_path(tiny_checkpoint, shapes_data):
@@ -82,23 +112,27 @@ def _decode_both(dec, fast, other, lens, steps, seed=0):
             yield a.last_hidden_state, b.last_hidden_state
 
 
-@pytest.mark.parametrize("family", ["gemma2", "gemma3"])
-def test_compiled_decode_steps_match_the_fast_decoder(tmp_path, family, monkeypatch):
+@pytest.mark.parametrize("family, lens, shapes", [
+    ("gemma2", [12, 5, 9], {(3, 1, 16), (3, 1, 32)}),  # batched prefill stays eager; 12 + 18 tokens outgrow 16 slots
+    ("gemma3", [12, 5, 9], {(3, 1, 16), (3, 1, 32)}),
+    ("gemma3", [12], {(1, 32, 48), (1, 1, 48), (1, 1, 64)}),  # one prompt: prefill padded to 32
+])
+def test_compiled_decode_steps_match_the_fast_decoder(tmp_path, family, lens, shapes, monkeypatch):
     from transformers import AutoModelForCausalLM
 
     from llava_gm.model import compiled
     from llava_gm.model.compiled import CompiledDecoder, StaticKVCache
 
-    monkeypatch.setattr(compiled, "CAPACITY_STEP", 16)  # 12 + 10 tokens outgrow one capacity step: the cache grows
+    monkeypatch.setattr(compiled, "CAPACITY_STEP", 16)  # small, so that 18 steps outgrow a capacity: the cache grows
     lm = AutoModelForCausalLM.from_pretrained(tiny.make_lm(tmp_path, family), dtype=torch.float32).eval()
     dec = lm.get_decoder()
     fast, _ = FastDecoder.build(dec)
     comp, why = CompiledDecoder.build(dec, fast)
     assert comp is not None, why
-    pairs = list(_decode_both(dec, fast, comp, [12, 5, 9], 10))
+    pairs = list(_decode_both(dec, fast, comp, lens, 18))
     for a, b in pairs:  # past the sliding window of 8, with Gemma 2's soft-capped attention
         assert torch.allclose(a, b, atol=1e-4)
-    assert comp.failed is None
+    assert comp.failed is None and comp.shapes == shapes
 
 
 def test_compiled_step_failure_falls_back_to_the_fast_decoder(tmp_path):
@@ -141,6 +175,9 @@ def test_answers_same_with_compile(tiny_checkpoint, shapes_data):
     eager = Answerer.from_checkpoint(tiny_checkpoint, dtype=torch.float32)
     comp = Answerer.from_checkpoint(tiny_checkpoint, dtype=torch.float32, compile=True)
     assert comp.answer(items, max_new_tokens=6, batch_size=1, progress=False) == eager.answer(items, max_new_tokens=6, batch_size=1, progress=False)
+    # two questions about one image share its compiled prefill, then continue on the eager decoder's cache
+    shared = items[:2] + [{"prompt": "what shape is this?", "image": items[0]["image"]}]
+    assert comp.answer(shared, max_new_tokens=6, progress=False) == eager.answer(shared, max_new_tokens=6, progress=False)
     assert comp.compiled_tower.failed is None and comp.fast.decoder.failed is None
     feats = comp.image_features([it["image"] for it in items])
     want = eager.image_features([it["image"] for it in items])

@@ -32,7 +32,7 @@ def default_device() -> torch.device:
 
 class Answerer:
     def __init__(self, model, model_id: str = "llava-gm", checkpoint_hash: str = "", dtype: Optional[torch.dtype] = None, device=None,
-                 fast: bool = True, compile: bool = False):
+                 fast: Optional[bool] = None, compile: bool = False):
         self.device = torch.device(device) if device else default_device()
         dtype = dtype or compute_dtype(self.device)
         self.model = model.to(self.device, dtype).eval().requires_grad_(False)
@@ -45,7 +45,9 @@ class Answerer:
         self.encoder = ConversationEncoder(model.tokenizer, model.num_image_tokens, max_length=10**9)
         self.stop_ids = stop_token_ids(model.lm, model.tokenizer)
         self._cache: Optional[FeatureCache] = None
-        self.use_fast = fast
+        # the fast path keeps its own fused copy of q/k/v and gate/up (2/3 of the decoder again): on by default on
+        # CPUs, where it pays; on a GPU with a large model that copy could cost more memory than there is
+        self.use_fast = fast if fast is not None else self.device.type == "cpu"
         self.compile = compile
 
     @functools.cached_property
@@ -62,7 +64,7 @@ class Answerer:
         return CompiledTower(self.model.vision_tower)
 
     @classmethod
-    def from_checkpoint(cls, path: Union[str, Path], dtype: Optional[torch.dtype] = None, device=None, fast: bool = True,
+    def from_checkpoint(cls, path: Union[str, Path], dtype: Optional[torch.dtype] = None, device=None, fast: Optional[bool] = None,
                         compile: bool = False) -> "Answerer":
         model = load_checkpoint(path)
         return cls(model, model_id=Path(path).name, checkpoint_hash=checkpoint_hash(path), dtype=dtype, device=device, fast=fast,

@@ -62,3 +62,14 @@ def test_answer_file_round_trip_and_bad_rows(tmp_path, tiny_checkpoint, shapes_d
     assert "q.jsonl:4: image" in capsys.readouterr().err and not out2.exists()
     assert main(["answer", "--checkpoint", tiny_checkpoint, "--questions", str(q), "--image-folder", str(shapes_data.parent), "--output", str(out2), "--on-bad", "skip", "--max-new-tokens", "2"]) == 0
     assert len(out2.read_text().splitlines()) == 3 and "skipped 1 bad row" in capsys.readouterr().err
+
+
+def test_answer_file_with_compile_writes_the_same_answers(tmp_path, tiny_checkpoint, shapes_data):
+    q = tmp_path / "q.jsonl"
+    q.write_text("".join(json.dumps({"question_id": i, "image": f"images/{i}.png", "text": "what shape is it?"}) + "\n" for i in range(3)))
+    outs = []
+    for flag in ([], ["--compile"]):
+        outs.append(tmp_path / f"a{len(flag)}.jsonl")
+        assert main(["answer", "--checkpoint", tiny_checkpoint, "--questions", str(q), "--image-folder", str(shapes_data.parent),
+                     "--output", str(outs[-1]), "--max-new-tokens", "5", *flag]) == 0
+    assert outs[0].read_text() == outs[1].read_text()

@@ -129,7 +129,11 @@ def test_compiled_decode_steps_match_the_fast_decoder(tmp_path, family, lens, sh
     fast, _ = FastDecoder.build(dec)
     comp, why = CompiledDecoder.build(dec, fast)
     assert comp is not None, why
+    from torch._dynamo.utils import counters
+
+    graphs = counters["stats"]["unique_graphs"]
     pairs = list(_decode_both(dec, fast, comp, lens, 18))
+    assert counters["stats"]["unique_graphs"] - graphs == len(shapes)  # each shape compiled, none run uncompiled
     for a, b in pairs:  # past the sliding window of 8, with Gemma 2's soft-capped attention
         assert torch.allclose(a, b, atol=1e-4)
     assert comp.failed is None and comp.shapes == shapes

@@ -79,6 +79,14 @@ class StaticKVCache:
         return -(-(length + 1) // CAPACITY_STEP) * CAPACITY_STEP
 
 
+def _allow_recompiles(n: int = 64) -> None:
+    """Dynamo keeps one cache per code object: every decoder of a process (each checkpoint loaded) and every shape
+    share `_Step.forward`'s. Past its limit (8) dynamo silently runs the uncompiled module, so raise it."""
+    cfg = torch._dynamo.config
+    name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
+    setattr(cfg, name, max(getattr(cfg, name), n))
+
+
 def _place(t: torch.Tensor, capacity: int) -> torch.Tensor:
     b, heads, n, d = t.shape
     out = t.new_zeros(b, heads, capacity, d)
@@ -120,6 +128,7 @@ class CompiledDecoder:
 
     def __init__(self, decoder: nn.Module, fast: FastDecoder):
         self.fast = fast
+        _allow_recompiles()
         self.step = torch.compile(_Step(decoder).eval(), dynamic=False)
         self.shapes: set = set()  # (batch, new tokens, capacity) compiled so far
         self.failed: Optional[str] = None  # why compiling failed, once it has
@@ -198,6 +207,7 @@ class CompiledTower:
 
     def __init__(self, tower: nn.Module):
         self.tower = tower
+        _allow_recompiles()
         self.compiled = torch.compile(tower, dynamic=False)
         self.compiled_once = False
         self.failed: Optional[str] = None

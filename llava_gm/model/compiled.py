@@ -31,7 +31,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..precision import use_bf16
 from .fast_lm import FastDecoder, KVCache, _Layer, _Norm
 
 CAPACITY_STEP = 128  # cache slots come in steps of this: each new capacity is a new shape, compiled once
@@ -85,6 +84,13 @@ def _allow_recompiles(n: int = 64) -> None:
     cfg = torch._dynamo.config
     name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
     setattr(cfg, name, max(getattr(cfg, name), n))
+
+
+def _give_up(what: str, e: Exception) -> str:
+    """Why compiling `what` failed, warned once; the caller carries on with its eager path."""
+    why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    warnings.warn(f"torch.compile of the {what} failed ({why}); carrying on without it")
+    return why
 
 
 def _place(t: torch.Tensor, capacity: int) -> torch.Tensor:
@@ -151,11 +157,14 @@ class CompiledDecoder:
             if self._can_compile(shape):
                 return self._prefill(h, attention_mask, position_ids, offset, shape[2])
         elif t == 1:
-            if not isinstance(cache, StaticKVCache):
-                cache = StaticKVCache.from_growing(cache, StaticKVCache.capacity_for(cache.k[0].shape[2]))
-            if cache.length + 1 > cache.capacity:
-                cache.grow(StaticKVCache.capacity_for(cache.length))
-            if self._can_compile((b, 1, cache.capacity)):
+            static = isinstance(cache, StaticKVCache)
+            length = cache.length if static else cache.k[0].shape[2]
+            capacity = cache.capacity if static and length < cache.capacity else StaticKVCache.capacity_for(length)
+            if self._can_compile((b, 1, capacity)):  # decided before any copy of the cache
+                if not static:
+                    cache = StaticKVCache.from_growing(cache, capacity)
+                elif capacity != cache.capacity:
+                    cache.grow(capacity)
                 mask = F.pad(attention_mask, (cache.offset, 0))
                 out = self._run(h, mask, position_ids, cache, torch.tensor([cache.length], device=h.device))
                 if out is not None:
@@ -195,41 +204,30 @@ class CompiledDecoder:
             with torch._inductor.config.patch(INDUCTOR):
                 out = self.step(h, cos_sin, masks, cache.k, cache.v, index)
         except Exception as e:  # no C++ compiler, an unsupported op: say so once and carry on uncompiled
-            self.failed = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-            warnings.warn(f"torch.compile of the decoder failed ({self.failed}); answering without it")
+            self.failed = _give_up("decoder", e)
             return None
         cache.length = int(index[-1]) + 1
         return SimpleNamespace(last_hidden_state=out, past_key_values=cache)
 
 
 class CompiledTower:
-    """`encode_images` for in-memory images through a compiled copy of the frozen tower, one image per call."""
+    """`encode_images` for in-memory images through a compiled copy of the frozen tower, one image per call.
+    Built at the first in-memory image (`Answerer.compiled_tower`), whose encoding compiles it."""
 
     def __init__(self, tower: nn.Module):
         self.tower = tower
         _allow_recompiles()
-        self.compiled = torch.compile(tower, dynamic=False)
-        self.compiled_once = False
+        self.compiled = torch.compile(tower, dynamic=False)  # forwards `preprocess` and `parameters` to the tower
         self.failed: Optional[str] = None
+        print("compiling the vision tower (once, ~30 s)", file=sys.stderr)
 
-    @torch.no_grad()
     def __call__(self, images: list) -> torch.Tensor:
         from ..data.features import encode_images
 
-        if self.failed:
-            return encode_images(self.tower, images)
-        if not self.compiled_once:
-            print("compiling the vision tower (once, ~30 s)", file=sys.stderr)
-            self.compiled_once = True
-        device = next(self.tower.parameters()).device
-        out = []
-        for image in images:
-            pixels = self.tower.preprocess([image]).to(device)
+        if not self.failed:
             try:
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16(device)), torch._inductor.config.patch(INDUCTOR):
-                    out.append(self.compiled(pixels).to(torch.bfloat16).cpu())
-            except Exception as e:  # as for the decode step: say why once, carry on eager
-                self.failed = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-                warnings.warn(f"torch.compile of the vision tower failed ({self.failed}); encoding without it")
-                return encode_images(self.tower, images)
-        return torch.cat(out)
+                with torch._inductor.config.patch(INDUCTOR):
+                    return torch.cat([encode_images(self.compiled, [image]) for image in images])
+            except Exception as e:  # as for the decoder: say why once, carry on eager
+                self.failed = _give_up("vision tower", e)
+        return encode_images(self.tower, images)

@@ -243,10 +243,10 @@ class GreedyHead:
     MAX_ROWS = 8  # beyond this, one bf16 product over the vocabulary is as fast
     MAX_CANDIDATES = 16384
 
-    def __init__(self, weight: torch.Tensor, outliers: torch.Tensor, packed, scales_zeros, slack: torch.Tensor, slack_out: torch.Tensor):
+    def __init__(self, weight: torch.Tensor, outliers: torch.Tensor, rest: torch.Tensor, packed, scales_zeros, slack: torch.Tensor,
+                 slack_out: torch.Tensor):
         self.weight, self.packed, self.scales_zeros = weight, packed, scales_zeros
-        self.outliers = outliers  # channel ids multiplied exactly
-        self.rest = torch.tensor(sorted(set(range(weight.shape[1])) - set(outliers.tolist())), dtype=torch.long)
+        self.outliers, self.rest = outliers, rest  # channel ids multiplied exactly, and those the 4-bit copy holds
         self.out_weight = PackedLinear(weight[:, outliers].to(torch.bfloat16).contiguous()) if len(outliers) else None
         self.slack = slack  # per word: ||W_i,rest - Q_i|| + ||Q_i|| / 64, times ||h_rest|| bounds the 4-bit screen's error
         self.slack_out = slack_out  # per word: ||W_i,out|| / 64, times ||h_out|| bounds the bf16 roundings of the exact part
@@ -290,7 +290,7 @@ class GreedyHead:
             packed = torch._convert_weight_to_int4pack_for_cpu(q, 8)
         except RuntimeError as e:
             return None, f"4-bit packing failed: {e}"
-        return cls(w.to(torch.bfloat16) if w.dtype != torch.float32 else w, outliers, packed, scales_zeros, slack, slack_out), ""
+        return cls(w.to(torch.bfloat16) if w.dtype != torch.float32 else w, outliers, rest, packed, scales_zeros, slack, slack_out), ""
 
     @torch.no_grad()
     def __call__(self, h: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,7 @@ from .errors import LlavaGMError
 
 def _add_train(sub):
     p = sub.add_parser("train", help="train one stage, or every stage of a recipe in order")
-    p.add_argument("--recipe", default="recipes/offline-default.yaml", help="recipe YAML (model + stages)")
+    p.add_argument("--recipe", default="offline-default", help="a shipped recipe's name (`llava-gm recipes` lists them) or a YAML file")
     p.add_argument("--output", required=True, help="folder for the checkpoints (one sub-folder per stage)")
     p.add_argument("--stage", choices=["align", "instruct", "sparsify"], help="run only this stage of the recipe")
     p.add_argument("--from", dest="init", help="checkpoint to start from (e.g. stage 1's output for stage 2)")
@@ -34,8 +34,10 @@ def cmd_train(a):
     import dataclasses
 
     from .config import RecipeConfig, load_yaml
+    from .recipes import resolve
     from .train.run import run_stage
 
+    a.recipe = resolve(a.recipe)
     recipe = load_yaml(RecipeConfig, a.recipe)
     stages = [s for s in recipe.stages if (a.stage is None or s.name == a.stage) and not (a.skip_align and s.name == "align")]
     if not stages:
@@ -49,8 +51,12 @@ def cmd_train(a):
         sparse = dataclasses.replace(sparse, kind=a.sparse)
     base_cfg = dataclasses.replace(recipe.model, sparse=dataclasses.replace(sparse, kind="none"))
     init = a.init
+    stages = [dataclasses.replace(s, **{k: v for k, v in overrides.items() if k != "lora" or s.name == "instruct"}) for s in stages]
+    for stage in stages:  # before any model is built: a missing data file is the common first-run mistake
+        if stage.data and not Path(stage.data).is_file():
+            raise LlavaGMError(f"stage {stage.name}: data file {stage.data} not found (relative to {Path.cwd()}); pass --data, "
+                               "or build easy-VQA for the offline recipe here with `llava-gm prepare-data --output runs/data/easy-vqa`")
     for stage in stages:
-        stage = dataclasses.replace(stage, **{k: v for k, v in overrides.items() if k != "lora" or stage.name == "instruct"})
         result = run_stage(stage, Path(a.output) / stage.name, model_cfg=base_cfg, init=init, sparse=sparse)
         init = result["checkpoint"]
     print(f"done: {init}")
@@ -85,15 +91,9 @@ def cmd_ask(a):
 
 
 def _open_image(path):
-    from PIL import Image, UnidentifiedImageError
+    from .images import load_image
 
-    try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
-    except FileNotFoundError:
-        raise LlavaGMError(f"{path}: image not found") from None
-    except (OSError, UnidentifiedImageError) as e:
-        raise LlavaGMError(f"{path}: cannot read the image ({e})") from None
+    return load_image(path)
 
 
 def _add_answer(sub):
@@ -127,6 +127,24 @@ def _add_prepare(sub):
         a.output, per_conversation=a.per_conversation, balance=a.balance))))
 
 
+def _add_recipes(sub):
+    p = sub.add_parser("recipes", help="list the shipped recipes, or print one (to copy and edit)")
+    p.add_argument("name", nargs="?", help="a recipe name or YAML path")
+
+    def run(a):
+        from .config import RecipeConfig, load_yaml
+        from .recipes import names, resolve
+
+        if not a.name:
+            print("\n".join(names()))
+            return
+        path = resolve(a.name)
+        load_yaml(RecipeConfig, path)  # checked as training would check it
+        print(f"# {path}\n{path.read_text()}", end="")
+
+    p.set_defaults(func=run)
+
+
 def _add_demo(sub):
     p = sub.add_parser("demo", help="the offline demo: data, stage 1, stage 2, evaluation, summary")
     p.add_argument("--output", default="runs/demo")
@@ -139,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llava-gm", description="Build, train, evaluate and serve lightweight sparse VLMs.")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_demo(sub)
+    _add_recipes(sub)
     _add_prepare(sub)
     _add_train(sub)
     _add_ask(sub)

@@ -43,9 +43,9 @@ def _train(stage, out: Path, model_cfg, init, sparse=None) -> str:
 
 def _latency_ms(answerer, image_path: Path, runs: int = 10) -> float:
     """Median time of one image (a fresh decode + tower run, no cache) + question -> short answer."""
-    from PIL import Image
+    from .images import load_image
 
-    image = Image.open(image_path).convert("RGB")
+    image = load_image(image_path)
     item = [{"prompt": "<image>\nwhat color is the shape?", "image": image}]
     answerer.answer(item, progress=False)  # warm-up
     times = []

@@ -11,11 +11,12 @@ import uuid
 from pathlib import Path
 
 import torch
-from PIL import Image, UnidentifiedImageError
 from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+from ..errors import LlavaGMError
+from ..images import load_image
 from ..paths import cache_dir
 from ..precision import use_bf16
 
@@ -79,11 +80,10 @@ class FeatureCache:
             chunk, images = [], []
             for p in paths[i : i + batch_size]:
                 try:
-                    with Image.open(p) as im:
-                        images.append(im.convert("RGB"))
+                    images.append(load_image(p))
                     chunk.append(p)
-                except (OSError, UnidentifiedImageError) as e:
-                    failed[p] = f"cannot decode image {p}: {e}"
+                except LlavaGMError as e:
+                    failed[p] = f"cannot decode image ({e})"
             if chunk:
                 feats = encode_images(self.tower, images)
                 for p, f in zip(chunk, feats):

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import base64
 import csv
-import io
 import sys
 from pathlib import Path
 from typing import Optional
@@ -71,12 +70,13 @@ def mmbench_prompt(question: str, hint: Optional[str], options: list[str]) -> st
 
 def _image_loader(b64: str, where: str):
     def load():
-        from PIL import Image
+        from ...images import load_image
 
         try:
-            return Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB")
-        except Exception as e:  # a broken cell: say which row
-            raise LlavaGMError(f"{where}: image cell is not a base64 image ({e})") from None
+            data = base64.b64decode(b64)
+        except (ValueError, TypeError) as e:  # a broken cell: say which row
+            raise LlavaGMError(f"{where}: image cell is not base64 ({e})") from None
+        return load_image(data, where)
 
     return load
 

@@ -34,11 +34,11 @@ def load_image(source: ImageSource, where: str = "") -> Image.Image:
     """Decode an image file, its bytes, or a PIL image into 8-bit RGB; LlavaGMError (naming `where`, e.g.
     "questions.jsonl:12", and the file) when it is missing, empty, truncated, undecodable or too large."""
     if isinstance(source, Image.Image):
-        return to_rgb(source, where or "image")
+        return to_rgb(source, f"{where}: image" if where else "image")
     if isinstance(source, (bytes, bytearray, memoryview)):
         label, data = (f"{where}: image" if where else "image"), bytes(source)
     elif isinstance(source, (str, Path)):
-        label = f"{where}: image {source}" if where else f"image {source}"
+        label = f"{where}: {source}: image" if where else f"{source}: image"
         data = _read_file(Path(source), label)
     else:
         raise LlavaGMError(f"{where or 'image'}: expected an image file path or bytes, got {type(source).__name__}")
@@ -56,7 +56,7 @@ def load_image(source: ImageSource, where: str = "") -> Image.Image:
         raise LlavaGMError(f"{label} is over the {MAX_PIXELS / 1e6:.1f}-megapixel limit (decompression-bomb guard); "
                            "resize it") from None
     except UnidentifiedImageError:
-        raise LlavaGMError(f"{label} is not an image format Pillow can read") from None
+        raise LlavaGMError(f"{label} is in no format Pillow can read") from None
     except MemoryError:
         raise LlavaGMError(f"{label} is too large to decode in memory; resize it") from None
     except Exception as e:  # any decoder failure on broken bytes (OSError, SyntaxError, ValueError, ...)
@@ -70,7 +70,7 @@ def _read_file(path: Path, label: str) -> bytes:
     except FileNotFoundError:
         raise LlavaGMError(f"{label} not found (check the path or --image-folder)") from None
     except IsADirectoryError:
-        raise LlavaGMError(f"{label} is a folder, not an image file") from None
+        raise LlavaGMError(f"{label} is a folder, not a file") from None
     except PermissionError:
         raise LlavaGMError(f"{label} cannot be read (permission denied)") from None
     except OSError as e:

@@ -168,7 +168,9 @@ class Answerer:
 
     @torch.no_grad()
     def perplexity(self, text: str, stride: int = 512) -> float:
-        """Perplexity over `text` in consecutive windows of `stride` tokens (each window starts after BOS)."""
+        """Perplexity over `text` in consecutive windows of `stride` tokens (each window starts after BOS).
+
+        Without a BOS token a window's first token has no context: it is not counted."""
         tok = self.model.tokenizer
         ids = tok(text, add_special_tokens=False)["input_ids"]
         if len(ids) < 2:
@@ -179,9 +181,9 @@ class Answerer:
             window = bos + ids[s : s + stride]
             x = torch.tensor([window], device=self.device)
             targets = torch.ones_like(x, dtype=torch.bool)
-            if not bos:
-                targets[0, 0] = s > 0 and False
             lp = self._token_logprobs(x, torch.ones_like(x), targets)
             total -= float(lp[0, : len(window) - 1].sum())
             count += len(window) - 1
+        if count == 0:
+            raise LlavaGMError("perplexity without a BOS token needs a stride of at least 2 tokens")
         return math.exp(total / count)

@@ -1,12 +1,15 @@
 """On-disk cache of frozen vision features, keyed by tower and image content.
 
 The tower never trains, so each image goes through it once. Features live in safetensors shards
-under <cache>/features/<tower cache_name>/, one shard per extraction run, each key an image's SHA-1.
+under <cache>/features/<tower cache_name>/ (at most `shard_size` images a shard, each key an image's SHA-1).
+Training reads them a batch at a time from the memory-mapped shards (`read`): nothing gathers a dataset's
+features in memory, so memory does not grow with the dataset. `prepare` fills the cache ahead of training.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import uuid
 from pathlib import Path
 
@@ -23,14 +26,41 @@ from ..precision import use_bf16
 
 def encode_images(tower, images: list) -> torch.Tensor:
     """Run the frozen tower once (bf16 autocast where it is fast); training and inference share this path."""
+    return encode_pixels(tower, tower.preprocess(images)).cpu()
+
+
+def encode_pixels(tower, pixels: torch.Tensor) -> torch.Tensor:
+    """Features of preprocessed images, on the tower's device: no gradients, bf16 out (online training features too)."""
     device = next(tower.parameters()).device
-    pixels = tower.preprocess(images).to(device)
     with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16(device)):
-        return tower(pixels).to(torch.bfloat16).cpu()
+        return tower(pixels.to(device)).to(torch.bfloat16)
 
 
 def image_key(path: Path) -> str:
     return hashlib.sha1(Path(path).read_bytes()).hexdigest()
+
+
+class ShardReader:
+    """Reads cached features a batch at a time from memory-mapped shards; small to send to DataLoader workers."""
+
+    def __init__(self, index: dict):
+        self.index = index  # image key -> shard path
+        self._handles, self._pid = {}, os.getpid()
+
+    def __getstate__(self):  # workers open their own handles
+        return {"index": self.index, "_handles": {}, "_pid": None}
+
+    def read(self, keys: list[str]) -> torch.Tensor:
+        """[len(keys), N, D] features (one open handle per shard and process)."""
+        if self._pid != os.getpid():  # a forked worker: handles do not survive a fork
+            self._handles, self._pid = {}, os.getpid()
+        out = []
+        for k in keys:
+            shard = self.index[k]
+            if shard not in self._handles:
+                self._handles[shard] = safe_open(str(shard), "pt")
+            out.append(self._handles[shard].get_tensor(k))
+        return torch.stack(out)
 
 
 class FeatureCache:
@@ -47,8 +77,8 @@ class FeatureCache:
                 for k in f.keys():
                     self._index[k] = shard
 
-    def features(self, paths: list[Path], batch_size: int = 32, progress: bool = True) -> tuple[dict, dict]:
-        """Return ({path: [N, D] features}, {path: error message for unreadable images})."""
+    def prepare(self, paths: list[Path], batch_size: int = 32, progress: bool = True) -> tuple[dict, dict]:
+        """Compute the features of images not cached yet; return ({path: cache key}, {path: error message})."""
         keys, failed = {}, {}
         for p in dict.fromkeys(paths):
             try:
@@ -59,21 +89,25 @@ class FeatureCache:
         missing = list({keys[p]: p for p in missing}.values())  # identical images are computed once
         if missing:
             self._compute(missing, keys, failed, batch_size, progress)
-        out = {}
-        by_shard: dict[Path, list] = {}
-        for p, k in keys.items():
-            if p not in failed and k in self._index:
-                by_shard.setdefault(self._index[k], []).append((p, k))
-        for shard, items in by_shard.items():
-            with safe_open(str(shard), "pt") as f:
-                for p, k in items:
-                    out[p] = f.get_tensor(k)
-        for p in keys:
-            if p not in out and p not in failed:
+        for p, k in list(keys.items()):
+            if p not in failed and k not in self._index:
                 failed[p] = f"image {p} could not be encoded"
-        return out, failed
+            if p in failed:
+                del keys[p]
+        return keys, failed
 
-    def _compute(self, paths, keys, failed, batch_size, progress):
+    def reader(self) -> "ShardReader":
+        return ShardReader(self._index)
+
+    def read(self, keys: list[str]) -> torch.Tensor:
+        return self.reader().read(keys)
+
+    def features(self, paths: list[Path], batch_size: int = 32, progress: bool = True) -> tuple[dict, dict]:
+        """({path: [N, D] features}, {path: error}) for a bounded list of images (one answer batch, a probe set)."""
+        keys, failed = self.prepare(paths, batch_size, progress)
+        return {p: f for p, f in zip(keys, self.read(list(keys.values())))} if keys else {}, failed
+
+    def _compute(self, paths, keys, failed, batch_size, progress, shard_size: int = 2048):
         new = {}
         bar = tqdm(total=len(paths), desc=f"vision features ({self.tower.cache_name})", unit="img", disable=not progress)
         for i in range(0, len(paths), batch_size):
@@ -89,11 +123,17 @@ class FeatureCache:
                 for p, f in zip(chunk, feats):
                     new[keys[p]] = f.to(self.dtype).contiguous()
             bar.update(len(paths[i : i + batch_size]))
+            if len(new) >= shard_size:  # bounded memory: a shard at a time, however many images
+                self._write_shard(new)
+                new = {}
         bar.close()
         if new:
-            shard = self.root / f"{uuid.uuid4().hex}.safetensors"
-            tmp = shard.with_suffix(".tmp")
-            save_file(new, str(tmp))
-            tmp.rename(shard)  # atomic: readers never see a half-written shard
-            for k in new:
-                self._index[k] = shard
+            self._write_shard(new)
+
+    def _write_shard(self, new: dict) -> None:
+        shard = self.root / f"{uuid.uuid4().hex}.safetensors"
+        tmp = shard.with_suffix(".tmp")
+        save_file(new, str(tmp))
+        tmp.rename(shard)  # atomic: readers never see a half-written shard
+        for k in new:
+            self._index[k] = shard

@@ -1,9 +1,11 @@
-"""Run one training stage end to end: model, data, cached features, plan, loop, checkpoint."""
+"""Run one training stage end to end: model, data, vision features, plan, loop, step checkpoints, checkpoint."""
 
 from __future__ import annotations
 
 import io
 import json
+import os
+import shutil
 from collections import Counter
 from pathlib import Path
 from typing import Callable, Optional
@@ -18,7 +20,11 @@ from ..data.llava_json import load_samples
 from ..errors import LlavaGMError
 from ..model.build import apply_sparse, build_model, load_checkpoint, save_checkpoint
 from ..precision import use_bf16
-from .loop import render_sample, train_loop
+from . import distributed
+from .checkpoint import StepCheckpoints
+from .data import StageDataset
+from .distributed import broadcast
+from .loop import RunSettings, render_sample, train_loop
 from .stages import describe_plan, plan_stage
 
 
@@ -81,14 +87,76 @@ def answer_words(samples, model) -> tuple[list[int], list[int]]:
     return sorted(seen), sorted(t for t, n in seen.items() if n < 0.5 * len(samples))
 
 
+def _finished(output: Path, stage: StageConfig, resume: bool, resume_command: str, say) -> Optional[dict]:
+    """A stage whose checkpoint exists: reused with --resume, else an error naming the command that continues."""
+    if not output.exists():
+        return None
+    if not resume:
+        how = f"to continue the run from there: {resume_command} --resume" if resume_command else "pass --resume to reuse it and continue"
+        raise LlavaGMError(f"{output} exists (a finished stage {stage.name}; nothing was overwritten); {how}, or choose a new --output")
+    from ..model.build import read_checkpoint_config
+
+    _, history = read_checkpoint_config(output)
+    record = next((h for h in reversed(history) if isinstance(h, dict) and h.get("stage") == stage.name), {"stage": stage.name})
+    say(f"stage {stage.name}: reusing the finished checkpoint {output}")
+    return {**record, "checkpoint": str(output)}
+
+
+def _stage_data(model, stage: StageConfig, samples, skipped, online: bool, ranks, progress: bool):
+    """The stage's dataset: cached features (rank 0 fills the cache, every rank reads it) or pixels for the step."""
+    if online:
+        return samples, StageDataset(samples, preprocess=model.vision_tower.preprocess), "computed in each step (online)"
+    cache = FeatureCache(model.vision_tower)
+    prepared = None
+    if ranks.main:
+        prepared = cache.prepare([s.image for s in samples if s.image is not None], progress=progress)
+    keys, failed = broadcast(prepared, ranks)
+    if not ranks.main:
+        cache = FeatureCache(model.vision_tower)  # rank 0 wrote new shards: read their index
+    samples = _drop_bad_images(samples, failed, stage, skipped, stage.data)
+    return samples, StageDataset(samples, reader=cache.reader(), keys=keys), f"cached in {cache.root}"
+
+
 def run_stage(stage: StageConfig, output: str | Path, model_cfg: Optional[ModelConfig] = None, init: Optional[str] = None,
-              sparse: Optional[SparseConfig] = None, progress: bool = True, say: Callable[[str], None] = print) -> dict:
-    """Train `stage` starting from checkpoint `init` (or fresh backbones from `model_cfg`); write a checkpoint to `output`."""
+              sparse: Optional[SparseConfig] = None, progress: bool = True, say: Callable[[str], None] = print, *,
+              resume: bool = False, save_every: int = 0, keep_last: int = 2, features: str = "auto",
+              workers: Optional[int] = None, resume_command: str = "") -> dict:
+    """Train `stage` starting from checkpoint `init` (or fresh backbones from `model_cfg`); write a checkpoint to `output`.
+
+    Every `save_every` optimizer steps a step checkpoint goes to `<output>.steps/` (the last `keep_last` kept);
+    `resume` continues from the newest intact one, or reuses `output` if the stage finished. Under torchrun every
+    rank runs this; only rank 0 prints and writes."""
     output = Path(output)
-    if output.exists():
-        raise LlavaGMError(f"{output} exists; choose a new output folder or remove it (nothing was overwritten)")
+    ranks = distributed.setup()
+    if not ranks.main:
+        say, progress = (lambda m: None), False
+    if features not in ("auto", "online", "cache"):
+        raise LlavaGMError(f"features {features!r}: use online, cache or auto")
+    done = _finished(output, stage, resume, resume_command, say)
+    if done is not None:
+        return done
     if not stage.data:
         raise LlavaGMError(f"stage {stage.name}: no training data given (--data or the recipe's stages[].data)")
+    steps = StepCheckpoints(output, keep_last, say)
+    if ranks.main:
+        steps.acquire()
+    try:
+        if ranks.main and steps.existing() and not resume:
+            how = f"{resume_command} --resume" if resume_command else "the same command with --resume"
+            raise LlavaGMError(f"{steps.dir} holds the step checkpoints of an interrupted run of stage {stage.name} "
+                               f"(newest: {steps.existing()[-1].name}); continue it with: {how} "
+                               f"(or remove {steps.dir} to start the stage again)")
+        result = _run(stage, output, model_cfg, init, sparse, progress, say, ranks, steps, resume, save_every, features,
+                      workers, resume_command)
+    except BaseException:
+        steps.release()
+        if ranks.main and steps.dir.is_dir() and not steps.existing():
+            shutil.rmtree(steps.dir, ignore_errors=True)  # nothing worth keeping: leave no empty folder behind
+        raise
+    return result
+
+
+def _run(stage, output, model_cfg, init, sparse, progress, say, ranks, steps, resume, save_every, features, workers, resume_command):
     torch.manual_seed(stage.seed)
     model = load_checkpoint(init) if init else build_model(model_cfg or ModelConfig())
     if stage.word_loss and not model.cfg.projector.word_tokens:
@@ -101,7 +169,7 @@ def run_stage(stage: StageConfig, output: str | Path, model_cfg: Optional[ModelC
         apply_sparse(model)
         model.trained_keys |= _sparse_param_names(model)
         say(f"sparse layers ({sparse.kind}) at decoder layers {model.sparse_layers}")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = ranks.device
     model.to(device)
     if stage.lora:
         if stage.name != "instruct":
@@ -113,16 +181,17 @@ def run_stage(stage: StageConfig, output: str | Path, model_cfg: Optional[ModelC
 
     encoder = ConversationEncoder(model.tokenizer, model.num_image_tokens, model.cfg.language.max_length)
     samples, skipped = load_samples(stage.data, stage.image_folder, encoder, stage.on_bad, stage.max_samples)
-    cache = FeatureCache(model.vision_tower)
-    features, failed = cache.features([s.image for s in samples if s.image is not None], progress=progress)
-    samples = _drop_bad_images(samples, failed, stage, skipped, stage.data)
+    online = features == "online" or (features == "auto" and device.type == "cuda")
+    samples, dataset, where = _stage_data(model, stage, samples, skipped, online, ranks, progress)
+    if not samples:
+        raise LlavaGMError(f"stage {stage.name}: no usable samples in {stage.data}")
     if model.cfg.projector.word_tokens and model.cfg.projector.word_ids is None:
         model.cfg.projector.word_ids, model.cfg.projector.word_targets = answer_words(samples, model)
         say(f"word-token projector: {len(model.cfg.projector.word_ids)} words from this stage's answers, "
             f"{len(model.cfg.projector.word_targets)} of them content words")
     if len(skipped):
         say(skipped.summary())
-    say(f"{len(samples)} samples from {stage.data}; vision features cached in {cache.root}")
+    say(f"{len(samples)} samples from {stage.data}; vision features {where}")
     say("one rendered sample ([[...]] = tokens the loss learns):\n" + render_sample(model.tokenizer, samples[0], model.num_image_tokens))
 
     trainable = plan_stage(model, stage)
@@ -133,7 +202,13 @@ def run_stage(stage: StageConfig, output: str | Path, model_cfg: Optional[ModelC
             if not p.requires_grad and n not in model.trained_keys and not n.startswith("vision_tower.") and p.is_floating_point():
                 p.data = p.data.to(torch.bfloat16)
 
-    log = train_loop(model, stage, samples, features, trainable, progress=progress)
+    if workers is None:  # decoding images is worth worker processes; reading cached features is not
+        workers = min(4, max(1, (os.cpu_count() or 2) // max(1, ranks.world) - 1)) if online else 0
+    settings = RunSettings(ranks=ranks, checkpoints=steps if save_every else None, save_every=save_every, resume=resume,
+                           resume_command=resume_command, workers=workers, online=online, progress=progress, say=say)
+    if resume and not save_every:
+        settings.checkpoints = steps  # resume reads what an earlier run saved, even if this one saves none
+    log = train_loop(model, stage, dataset, trainable, settings)
 
     if stage.lora:
         model.lm = model.lm.merge_and_unload()  # a plain LM again: later stages and loading need no PEFT
@@ -145,10 +220,13 @@ def run_stage(stage: StageConfig, output: str | Path, model_cfg: Optional[ModelC
     first, last = log.steps[0]["lm_loss"], log.last_mean("lm_loss")
     record = {"stage": stage.name, "data": stage.data, "samples": len(samples), "skipped": len(skipped), "steps": len(log.steps),
               "lr": stage.lr, "batch_size": stage.batch_size, "grad_accum": stage.grad_accum, "epochs": stage.epochs, "lora": stage.lora,
-              "first_loss": first, "final_loss": last, "init": init}
-    save_checkpoint(model, output, stage=record, extra={
-        "train_log.json": json.dumps({"steps": log.steps, "skipped": skipped.reasons}, indent=1).encode(),
-        "loss.png": _loss_plot(log.steps, f"stage {stage.name}"),
-    })
+              "first_loss": first, "final_loss": last, "init": init, "processes": ranks.world}
+    if ranks.main:
+        save_checkpoint(model, output, stage=record, extra={
+            "train_log.json": json.dumps({"steps": log.steps, "skipped": skipped.reasons}, indent=1).encode(),
+            "loss.png": _loss_plot(log.steps, f"stage {stage.name}"),
+        })
+        steps.finish()
+    distributed.barrier(ranks)
     say(f"stage {stage.name}: loss {first:.3f} -> {last:.3f} over {len(log.steps)} steps; checkpoint {output}")
     return {**record, "checkpoint": str(output)}

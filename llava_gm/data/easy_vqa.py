@@ -83,6 +83,29 @@ def wording_rule_accuracy(test_questions: Path) -> float:
     return 100.0 * sum((r["answer"] == "yes") == yes_no_form(r["text"])[0] for r in yes_no) / len(yes_no)
 
 
+def balanced_yes_no(rows: list[dict], per_answer: int | None = None) -> list[dict]:
+    """The balanced yes/no part of a question list: for each question form, the first k "yes" and the first k
+    "no" questions in list order (k = the smaller of the two counts, at most `per_answer`). On it the wording
+    alone scores exactly 50%, so a score well above 50% says the model looked at the image. rows: dicts with
+    "text" and "answer" (test_questions.jsonl rows)."""
+    groups: dict = {}
+    for r in rows:
+        if question_type(r["answer"]) == "yes_no":
+            groups.setdefault(yes_no_form(r["text"]), {"yes": [], "no": []})[r["answer"]].append(r)
+    picked = set()
+    for by_answer in groups.values():
+        k = min(len(by_answer["yes"]), len(by_answer["no"]), per_answer if per_answer is not None else len(rows))
+        picked |= {id(r) for r in by_answer["yes"][:k] + by_answer["no"][:k]}
+    return [r for r in rows if id(r) in picked]
+
+
+def evaluation_subset(rows: list[dict], natural: int, per_answer: int) -> list[dict]:
+    """A fixed, cheap evaluation set: the first `natural` questions (the split's own mix of types and answers)
+    plus a balanced yes/no part (`per_answer` yes and as many no per question form), in question order."""
+    keep = {id(r) for r in rows[:natural]} | {id(r) for r in balanced_yes_no(rows, per_answer)}
+    return [r for r in rows if id(r) in keep]
+
+
 def balance_yes_no(items: list[tuple], rng: random.Random) -> list[tuple]:
     """Keep as many "yes" as "no" answers within each yes/no question form; other questions all stay.
 

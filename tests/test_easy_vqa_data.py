@@ -9,7 +9,8 @@ pytest.importorskip("easy_vqa")
 import random  # noqa: E402
 from collections import Counter  # noqa: E402
 
-from llava_gm.data.easy_vqa import _describe, balance_yes_no, build_easy_vqa, question_type, wording_rule_accuracy, yes_no_form  # noqa: E402
+from llava_gm.data.easy_vqa import (  # noqa: E402
+    _describe, balance_yes_no, balanced_yes_no, build_easy_vqa, evaluation_subset, question_type, wording_rule_accuracy, yes_no_form)
 from llava_gm.errors import LlavaGMError  # noqa: E402
 
 
@@ -81,3 +82,33 @@ def test_wording_rule_is_the_bar_for_yes_no(data, tmp_path):
     assert wording_rule_accuracy(tmp_path / "q.jsonl") == 50.0
     # on easy-VQA's test split the rule answers 5,890 of 7,136 yes/no questions right without an image
     assert round(wording_rule_accuracy(data / "test_questions.jsonl"), 2) == 82.54
+
+
+def test_balanced_yes_no_part_takes_the_first_k_of_each_answer_per_form():
+    rows = [{"text": t, "answer": a, "id": i} for i, (t, a) in enumerate([
+        ("is there a red shape?", "no"), ("is there a blue shape?", "no"), ("is there a teal shape?", "yes"),
+        ("is there not a circle?", "yes"), ("what is the shape?", "circle"), ("is there a gray shape?", "yes"),
+        ("is there a green shape?", "no")])]
+    assert [r["id"] for r in balanced_yes_no(rows)] == [0, 1, 2, 5]  # colour form: 2 yes, 2 no; negated shape has no "no"
+    assert [r["id"] for r in balanced_yes_no(rows, per_answer=1)] == [0, 2]
+    assert [r["id"] for r in evaluation_subset(rows, natural=2, per_answer=1)] == [0, 1, 2]
+
+
+def test_on_the_balanced_test_part_the_wording_scores_exactly_half(data):
+    from llava_gm.eval.runner import evaluate
+
+    rows = [json.loads(line) for line in (data / "test_questions.jsonl").read_text().splitlines()]
+    part = balanced_yes_no(rows)
+    assert len(part) == 2 * (307 + 319 + 312 + 308)  # per form the smaller answer count, twice
+    assert Counter(r["answer"] for r in part) == Counter({"yes": 1246, "no": 1246})
+    subset = evaluation_subset(rows, natural=600, per_answer=64)
+    assert len(subset) == 824 and subset[:10] == rows[:10]
+
+    class WordingRule:  # negated -> yes, else no: never looks at the image
+        def answer(self, items, **kw):
+            return ["yes" if yes_no_form(it["prompt"])[0] else "no" for it in items]
+
+    (data / "subset.jsonl").write_text("".join(json.dumps(r) + "\n" for r in subset))
+    m = evaluate(WordingRule(), "easy_vqa", str(data / "subset.jsonl"), progress=False)["metrics"]
+    assert m["yes_no_balanced"] == 50.0 and m["yes_no_balanced_questions"] == len(balanced_yes_no(subset)) >= 512
+    assert m["per_type"]["yes_no"] > 50.0  # on the natural mix the same rule looks better than chance

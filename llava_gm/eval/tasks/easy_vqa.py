@@ -3,7 +3,8 @@
 Data: a JSONL of `{"question_id", "image", "text", "answer", "type"}` (type: yes_no / shape / color), images
 relative to the file's folder: what `llava_gm.data.easy_vqa.build_easy_vqa` writes as test_questions.jsonl,
 or what `write_easy_vqa_jsonl` writes. `--data easy_vqa:test` reads the installed package directly.
-Score: exact match after lowercasing and stripping punctuation and spaces; overall and per type.
+Score: exact match after lowercasing and stripping punctuation and spaces; overall and per type, and on the
+balanced yes/no part (per question form as many "yes" as "no" answers: the wording alone scores 50% there).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import string
 from pathlib import Path
 from typing import Optional
 
-from ...data.easy_vqa import question_type
+from ...data.easy_vqa import balanced_yes_no, question_type
 from ...errors import LlavaGMError
 from ..base import SHORT_ANSWER, Loaded, Problems, Question, Task, image_file, pct, read_jsonl
 
@@ -106,6 +107,11 @@ class EasyVQA(Task):
             by_type.setdefault(q.meta["type"], []).append(ok)
         metrics = {"accuracy": pct(sum(r["correct"] for r in per.values()), len(per)),
                    "per_type": {t: pct(sum(by_type[t]), len(by_type[t])) for t in TYPES if t in by_type}}
+        # the yes/no questions that the wording alone answers at exactly 50%: does the model look at the image?
+        balanced = balanced_yes_no([{"text": q.prompt, "answer": easy_vqa_normalize(q.target), "key": q.key} for q in questions])
+        if balanced:
+            metrics["yes_no_balanced"] = pct(sum(per[r["key"]]["correct"] for r in balanced), len(balanced))
+            metrics["yes_no_balanced_questions"] = len(balanced)
         return metrics, per
 
     def headline(self, metrics):

@@ -81,14 +81,59 @@ def test_scienceqa_failed_marker():
 CHOICES = {"A": "a cat", "B": "a dog", "C": "a bird", "D": "a fish"}
 
 
+# What VLMEvalKit's can_infer (vlmeval/utils/matching_util.py, 2026: d21c5e9 as adapted by a third-party copy,
+# agreeing with the merged PR #1552 and, for the text cap, with the stored official 134b4ea) returns; None = False.
 @pytest.mark.parametrize("text, expected", [
     ("B", "B"), ("B. a dog", "B"), ("(B)", "B"), ("The answer is B", "B"), ("a dog", "B"),
+    ("A.", "A"), ("B)", "B"), ("**B**", "B"), ("Answer: C", "C"), ("B B B", "B"),
     ("A dog", "A"),          # can_infer_option sees the article "A" as the letter
+    ("A or Z", "A"),         # one letter among the choices; "Z" is not one
     ("A or B", None), ("I do not know", None),
-    ("Cannot determine the answer", "Z"),
+    ("b", None),             # letters are case-sensitive, and "b" contains no option text
+    ("A and B are wrong, the answer is C", "C"),  # three letters: the "answer is X" fallback decides
+    ("The correct answer is **B**. Dogs bark and cats meow all day long", "B"),  # B too early, fallback finds it
+    ("I think the answer is a dog", "A"),        # the fallback is case-insensitive with no word boundary: "a" -> A
+    ("B is the answer because dogs bark loudly", None),  # the one letter is not among the last four words
+    ("C. a bird, not a dog", None),              # C too early; two option texts
+    ("C. a bird", "C"),
+    ("Cannot determine the answer", "Z"), ("Sorry, I can't help with images of people yet.", "Z"),
+    ("Z", "Z"),              # no option letter, a lone Z
+    ("Failed to obtain answer via API: B", None),  # an API failure takes no letter; its text has no option text
+    ("Failed to obtain answer via API. a dog", "B"),  # ... but the option text still counts (38 <= 2 * 22 chars)
+    ("It is a dog, the one sitting on the left side", None),  # 45 characters > 2 * 22: text matching is off
 ])
 def test_mmbench_option_extraction(text, expected):
     assert mmbench_option(text, dict(CHOICES)) == expected
+
+
+TWO = {"A": "cat", "B": "dog"}
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("dog", "B"), ("Dog.", "B"), ("a dog", "B"),
+    ("The answer is C", None),     # not a choice here; 15 characters > 2 * 6, so no text matching either
+    ("It is a dog, not a cat", None),
+])
+def test_mmbench_option_extraction_two_options(text, expected):
+    assert mmbench_option(text, dict(TWO)) == expected
+
+
+def _question(key, options, gt):
+    return Question(key, "", None, gt, {"options": dict(zip("ABCD", options)), "category": "c", "l2_category": "l"},
+                    group=key % 1_000_000)
+
+
+def test_mmbench_vanilla_counts_a_long_answer_that_names_the_option():
+    # issue 12: options cat / dog, answer B, "The answer is B": VLMEvalKit's vanilla exact matching gives 100
+    metrics, per = get_task("mmbench").score([_question(0, ["cat", "dog"], "B")], {0: "The answer is B"})
+    assert metrics["vanilla_accuracy"] == 100 and metrics["circular_accuracy"] == 100 and per[0]["parsed"] == "B"
+    # the circular pass counts a question only if every rotation's can_infer gives its answer
+    qs = [_question(0, ["cat", "dog"], "B"), _question(1_000_000, ["dog", "cat"], "A")]
+    for second, vanilla, circular in [("The answer is A", 100, 100), ("I would say the dog", 100, 0), ("B", 100, 0)]:
+        metrics, _ = get_task("mmbench").score(qs, {0: "The answer is B", 1_000_000: second})
+        assert (metrics["vanilla_accuracy"], metrics["circular_accuracy"]) == (vanilla, circular), second
+    metrics, _ = get_task("mmbench").score(qs, {0: "B is the answer because dogs bark loudly", 1_000_000: "A"})
+    assert metrics["vanilla_accuracy"] == 0 and metrics["circular_accuracy"] == 0  # B too early: nothing extracted
 
 
 def _rotations(answers_right):

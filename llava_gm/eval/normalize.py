@@ -1,9 +1,14 @@
 """Answer normalisation and soft accuracy as the official VQA tools do them, quirks included.
 
-Two processors exist and both are used by the papers' numbers:
-- `vqa_eval_answer`: the VQA API's vqaEval.py (GT-Vision-Lab/VQA, PythonEvaluationTools/vqaEvaluation),
-  used for VQAv2 val scoring. Ground-truth answers only get the punctuation step, and only when the
-  ten humans disagree.
+Two processors exist:
+- vqaEval.py, the VQA API's scorer (GT-Vision-Lab/VQA, PythonEvaluationTools/vqaEvaluation/vqaEval.py), for
+  VQAv2 val. Two versions matter (`VQA_SCORERS`):
+  * "vqaEval-2021" (the default; the file as it is since commit a013f00 "Fixed processing answers bug", 2021):
+    newlines/tabs/outer spaces go from the model's answer and every human answer; only when the ten humans
+    disagree are BOTH sides put through processPunctuation and processDigitArticle; when they all agree the
+    stripped strings are compared as they are (no lowercasing, no digit or article mapping).
+  * "vqaEval-2016" (the file before a013f00, kept to compare with old numbers): the model's answer is always
+    fully processed; humans' answers are never stripped, and get processPunctuation only when they disagree.
 - `evalai_answer`: the EvalAI answer processor (MMF / LLaVA's llava/eval/m4c_evaluator.py), used for
   TextVQA and for LLaVA's VQAv2 submission files. It lowercases and drops commas and "?" first.
 
@@ -15,6 +20,9 @@ the contraction map has a few odd entries ("somebody'd" -> "somebodyd").
 from __future__ import annotations
 
 import re
+from typing import Callable
+
+from ..errors import LlavaGMError
 
 NUMBER_WORDS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
                 "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
@@ -68,10 +76,14 @@ def process_digit_article(text: str) -> str:
     return " ".join(CONTRACTIONS.get(w, w) for w in words)
 
 
+def strip_answer(answer: str) -> str:
+    """vqaEval.py's first step: newlines and tabs become spaces, outer spaces go."""
+    return answer.replace("\n", " ").replace("\t", " ").strip()
+
+
 def vqa_eval_answer(answer: str) -> str:
-    """A model answer as vqaEval.py compares it."""
-    answer = answer.replace("\n", " ").replace("\t", " ").strip()
-    return process_digit_article(process_punctuation(answer))
+    """An answer through vqaEval.py's full processing (strip, processPunctuation, processDigitArticle)."""
+    return process_digit_article(process_punctuation(strip_answer(answer)))
 
 
 def evalai_answer(answer: str) -> str:
@@ -90,11 +102,42 @@ def leave_one_out_accuracy(answer: str, humans: list[str]) -> float:
     return sum(min(1.0, (same - (h == answer)) / 3) for h in humans) / len(humans)
 
 
-def vqav2_accuracy(prediction: str, humans: list[str]) -> float:
-    """vqaEval.py: the model answer is fully processed; humans' answers get punctuation only, and only if they differ."""
+def vqa_eval_2021_accuracy(prediction: str, humans: list[str]) -> float:
+    """vqaEval.py since a013f00: both sides stripped; both processed only when the humans disagree."""
+    res, gts = strip_answer(prediction), [strip_answer(h) for h in humans]
+    if len(set(gts)) > 1:
+        res, gts = vqa_eval_answer(res), [vqa_eval_answer(h) for h in gts]
+    return leave_one_out_accuracy(res, gts)
+
+
+def vqa_eval_2016_accuracy(prediction: str, humans: list[str]) -> float:
+    """vqaEval.py before a013f00: the model answer fully processed; humans' answers, unstripped, get the
+    punctuation step only, and only if they differ."""
     res = vqa_eval_answer(prediction)
     gts = [process_punctuation(h) for h in humans] if len(set(humans)) > 1 else list(humans)
     return leave_one_out_accuracy(res, gts)
+
+
+DEFAULT_VQA_SCORER = "vqaEval-2021"
+VQA_SCORERS: dict[str, Callable[[str, list[str]], float]] = {
+    "vqaEval-2021": vqa_eval_2021_accuracy,  # GT-Vision-Lab/VQA vqaEval.py at a013f00 (2021) and after
+    "vqaEval-2016": vqa_eval_2016_accuracy,  # the same file before a013f00
+}
+
+
+def vqa_scorer(name: str) -> Callable[[str, list[str]], float]:
+    if name not in VQA_SCORERS:
+        raise LlavaGMError(f"unknown VQA scorer {name!r}; one of {', '.join(VQA_SCORERS)} "
+                           f"(default {DEFAULT_VQA_SCORER}, the official vqaEval.py today)")
+    return VQA_SCORERS[name]
+
+
+def vqav2_accuracy(prediction: str, humans: list[str], scorer: str = DEFAULT_VQA_SCORER) -> float:
+    """One question's VQAv2 accuracy (0..1) under the named vqaEval.py version."""
+    return vqa_scorer(scorer)(prediction, humans)
+
+
+TEXTVQA_SCORER = "m4c_evaluator-EvalAI"  # LLaVA's eval_textvqa.py: TextVQAAccuracyEvaluator + EvalAIAnswerProcessor
 
 
 def textvqa_accuracy(prediction: str, humans: list[str]) -> float:

@@ -39,7 +39,8 @@ def vqav2_val(root: Path) -> Path:
           {"image_id": 1, "question": "What color is the frisbee?", "question_id": 11},
           {"image_id": 2, "question": "Is it raining?", "question_id": 20}]
     _json(root / "v2_OpenEnded_mscoco_val2014_questions.json", {"data_subtype": "val2014", "questions": qs})
-    anns = [_ann(10, 1, ["2 dogs"] * 10, "number", "how many"),
+    # humans disagree on 10, so vqaEval.py normalises both sides there ("Two dogs." -> "2 dogs")
+    anns = [_ann(10, 1, ["2 dogs"] * 9 + ["two dogs"], "number", "how many"),
             _ann(11, 1, ["red"] + ["orange"] * 9, "other", "what color is the"),
             _ann(20, 2, ["yes"] * 2 + ["no"] * 8, "yes/no", "is it")]
     _json(root / "v2_mscoco_val2014_annotations.json", {"data_subtype": "val2014", "annotations": anns})

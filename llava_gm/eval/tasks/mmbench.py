@@ -2,10 +2,11 @@
 
 Reading follows LLaVA's llava/eval/model_vqa_mmbench.py (prompt: hint, question, "A. option" lines, the letter
 instruction; options stop at the first empty one) with pandas' notion of an empty cell. Scoring follows
-VLMEvalKit's exact-matching mode (vlmeval/dataset/utils/multiple_choice.py mcq_circular_eval, with
-vlmeval/utils/matching_util.py can_infer): no external judge. Rows whose index differ by multiples of 1e6
-are rotations of one question (index % 1e6); the question counts only if every rotation's extracted option
-is right. A TSV without rotation rows (index < 1e6 only) gets them generated as LLaVA's --all-rounds does.
+VLMEvalKit's exact-matching mode (vlmeval/dataset/utils/multiple_choice.py mcq_circular_eval / mcq_vanilla_eval,
+with can_infer from vlmeval/utils/matching_util.py as it is since 2026, see `infer_option`): no external judge.
+Rows whose index differ by multiples of 1e6 are rotations of one question (index % 1e6); the question counts
+only if every rotation's extracted option is right. `vanilla_accuracy` is the single pass on the original rows:
+a prediction counts when can_infer extracts the right option from it, whatever its length. A TSV without rotation rows (index < 1e6 only) gets them generated as LLaVA's --all-rounds does.
 For the test split (no answers) the submission .xlsx is written like LLaVA's convert_mmbench_for_submission.py.
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import csv
+import re
 import sys
 from pathlib import Path
 from typing import Optional
@@ -35,29 +37,45 @@ def _missing(v) -> bool:
     return v is None or v in NA_STRINGS
 
 
+API_FAILURE = "Failed to obtain answer via API"  # VLMEvalKit's marker for a failed API call: no letter taken
+# the fallback for "The correct answer is **B**"-style answers (VLMEvalKit PR #1552); no word boundary after the letter
+ANSWER_IS = re.compile(r"(?i)(?:correct\s+)?answer\s+is\s+\**([ABCD])\**")
+
+
 def infer_option(answer: str, choices: dict) -> Optional[str]:
-    """can_infer_option: the one option letter standing alone in the answer, 'Z' for a refusal, else None."""
+    """can_infer_option: 'Z' for a refusal; else the one option letter standing alone among the answer's words
+    if it first appears among the last four words; else 'Z' standing alone when no letter does; else the
+    letter of "answer is X"; else None. (VLMEvalKit's VERBOSE-only "A is a quantifier" check is not applied.)"""
+    if API_FAILURE in answer:
+        return None
     if any(r in answer for r in REJECTIONS):
         return "Z"
+    words = answer
     for c in ".()[],:;!*#{}":
-        answer = answer.replace(c, " ")
-    words = answer.split()
+        words = words.replace(c, " ")
+    words = words.split()
     present = [c for c in choices if c in words]
     if len(present) == 1:
-        return present[0]
-    if not present and "Z" in words:
+        if words.index(present[0]) > len(words) - 5:
+            return present[0]
+    elif not present and "Z" in words:
         return "Z"
-    return None
+    m = ANSWER_IS.search(answer)
+    return m.group(1).upper() if m and m.group(1).upper() in choices else None
 
 
 def infer_text(answer: str, choices: dict) -> Optional[str]:
-    """can_infer_text: the one option whose text appears in the answer (lowercased)."""
+    """can_infer_text: the one option whose text appears in the answer (lowercased), for answers at most twice
+    as long as all option texts together."""
     answer = answer.lower()
+    if len(answer) > 2 * sum(len(str(v)) for v in choices.values()):
+        return None
     found = [k for k, v in choices.items() if str(v).lower() in answer]
     return found[0] if len(found) == 1 else None
 
 
 def mmbench_option(answer: str, choices: dict) -> Optional[str]:
+    """can_infer: the option letter VLMEvalKit's exact matching extracts from an answer, 'Z' or None."""
     return infer_option(answer, choices) or infer_text(answer, choices)
 
 
@@ -85,7 +103,9 @@ class MMBench(Task):
     name = "mmbench"
     version = "1"
     default_split = "dev"
-    official = "VLMEvalKit mcq_circular_eval + can_infer (exact matching, no judge); LLaVA model_vqa_mmbench.py prompt"
+    official = ("VLMEvalKit mcq_circular_eval / mcq_vanilla_eval + can_infer (matching_util.py as of 2026: last-4-words "
+                "letter window, 'answer is X' fallback, option text for short answers), exact matching, no judge; "
+                "LLaVA model_vqa_mmbench.py prompt")
     metric_variant = "circular accuracy (all rotations right), rule-based option extraction, overall and per category"
     prompt_template = "<image>\n[{hint}\\n]{question}\n{A. option ...}\n" + LETTER_ANSWER
     max_new_tokens = 1024  # LLaVA's model_vqa_mmbench.py
@@ -186,9 +206,9 @@ class MMBench(Task):
             main = min(qs, key=lambda q: q.key)
             for name in (f"category/{main.meta['category']}", f"l2-category/{main.meta['l2_category']}"):
                 by_cat.setdefault(name, []).append(hits[g])
-        # single pass on the original rows, as VLMEvalKit's vanilla exact matching (answers under 10 characters)
+        # single pass on the original rows, as VLMEvalKit's vanilla exact matching: can_infer on any answer
         mains = [q for q in questions if q.key == q.group]
-        vanilla = [len(predictions[q.key].strip()) < 10 and mmbench_option(predictions[q.key].strip(), q.meta["options"]) == q.target for q in mains]
+        vanilla = [per[q.key]["parsed"] == q.target for q in mains]
         metrics = {"circular_accuracy": pct(sum(hits.values()), len(hits)), "questions": len(hits),
                    "rows": len(questions), "vanilla_accuracy": pct(sum(vanilla), len(vanilla)),
                    "per_category": {k: pct(sum(v), len(v)) for k, v in sorted(by_cat.items())}}

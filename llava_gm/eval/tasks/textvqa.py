@@ -3,7 +3,8 @@
 Prompt: the question, then (option `ocr`, on by default as in LLaVA-1.5's llava_textvqa_val_v051_ocr.jsonl)
 "Reference OCR token: t1, t2, ..." from the Rosetta OCR file, then the short-answer line.
 Scoring follows LLaVA's llava/eval/eval_textvqa.py with m4c_evaluator.TextVQAAccuracyEvaluator: every answer
-through the EvalAI processor, VQA soft accuracy over the ten human answers.
+through the EvalAI processor, VQA soft accuracy over the ten human answers (metrics.scorer names it; this is
+not vqaEval.py, whose 2021 change does not apply here).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Optional
 
 from ...errors import LlavaGMError
 from ..base import SHORT_ANSWER, Loaded, Problems, Question, Task, image_file, json_part, need_file, pct, pick_root, read_json
-from ..normalize import textvqa_accuracy
+from ..normalize import TEXTVQA_SCORER, textvqa_accuracy
 
 
 def llava_question(prompt: str) -> str:
@@ -91,7 +92,7 @@ class TextVQA(Task):
 
     def score(self, questions, predictions):
         per = {q.key: {"accuracy": textvqa_accuracy(predictions[q.key], q.target)} for q in questions}
-        return {"accuracy": pct(sum(r["accuracy"] for r in per.values()), len(per))}, per
+        return {"scorer": TEXTVQA_SCORER, "accuracy": pct(sum(r["accuracy"] for r in per.values()), len(per))}, per
 
     def headline(self, metrics):
         return {"TextVQA": metrics.get("accuracy")}

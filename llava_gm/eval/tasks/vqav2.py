@@ -1,10 +1,13 @@
 """VQAv2 (Goyal et al. 2017), as in the papers' tables: test-dev answers scored by the EvalAI server.
 
-Scoring follows the VQA API's vqaEval.py (GT-Vision-Lab/VQA, PythonEvaluationTools/vqaEvaluation/vqaEval.py):
+Scoring follows the VQA API's vqaEval.py (GT-Vision-Lab/VQA, PythonEvaluationTools/vqaEvaluation/vqaEval.py)
+as it is since commit a013f00 (2021; option scorer=vqaEval-2016 for the file before it, see normalize.py):
 soft accuracy min(1, matching humans among the other nine / 3) averaged over the ten leave-one-out subsets,
-overall, per answer type and per question type, for splits with annotations (val2014). For test-dev the
-submission file is written like LLaVA's scripts/convert_vqav2_for_submission.py: every test2015 question
-(when that question file is present), answers through the EvalAI processor, "" for questions not asked.
+overall, per answer type and per question type, for splits with annotations (val2014). The scorer's name is
+in the results (metrics.scorer). For test-dev the submission file is written like LLaVA's
+scripts/convert_vqav2_for_submission.py: every test2015 question (when that question file is present),
+answers through the EvalAI processor, "" for questions not asked; that post-processing belongs to the
+submission file only, never to the local score.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..base import SHORT_ANSWER, Loaded, Problems, Question, Task, image_file, json_part, need_file, pct, read_json
-from ..normalize import evalai_answer, vqav2_accuracy
+from ..normalize import DEFAULT_VQA_SCORER, evalai_answer, vqa_scorer
 from ...errors import LlavaGMError
 
 QUESTIONS = "v2_OpenEnded_mscoco_{split}_questions.json"
@@ -26,13 +29,18 @@ class VQAv2(Task):
     name = "vqav2"
     version = "1"
     default_split = "test-dev2015"
-    official = "GT-Vision-Lab/VQA vqaEval.py (val); EvalAI server (test-dev) via LLaVA convert_vqav2_for_submission.py"
-    metric_variant = "soft accuracy, 10 leave-one-out subsets, vqaEval answer normalisation"
+    official = ("GT-Vision-Lab/VQA vqaEval.py at a013f00 (2021) or later (val); EvalAI server (test-dev) via LLaVA "
+                "convert_vqav2_for_submission.py")
+    metric_variant = "soft accuracy, 10 leave-one-out subsets, vqaEval answer normalisation (version: metrics.scorer)"
     prompt_template = "<image>\n{question}\n" + SHORT_ANSWER
     max_new_tokens = 128  # LLaVA's model_vqa_loader.py default
     downloads = "https://visualqa.org/download.html (questions, annotations) and COCO images (val2014 / test2015)"
 
+    def option_defaults(self):
+        return {"scorer": DEFAULT_VQA_SCORER}  # vqaEval-2016: the vqaEval.py before a013f00, for old numbers
+
     def load(self, data: str, split: Optional[str], image_folder: Optional[str], problems: Problems) -> Loaded:
+        vqa_scorer(self.options["scorer"])  # an unknown name fails before anything is read
         p = Path(data).expanduser()
         root = p if p.is_dir() else p.parent
         if split is None:
@@ -77,17 +85,18 @@ class VQAv2(Task):
         return Loaded(questions, split, files, {"annotations": afile.is_file(), "root": str(root)})
 
     def score(self, questions, predictions):
+        accuracy = vqa_scorer(self.options["scorer"])
         per, by_ans, by_q = {}, {}, {}
         scored = [q for q in questions if q.target is not None]
         for q in scored:
-            acc = vqav2_accuracy(predictions[q.key], q.target)
+            acc = accuracy(predictions[q.key], q.target)
             per[q.key] = {"accuracy": acc}
             by_ans.setdefault(q.meta["answer_type"], []).append(acc)
             by_q.setdefault(q.meta["question_type"], []).append(acc)
         if not scored:  # test-dev / test: the server holds the answers
             return {"scored_on_server": True}, {q.key: {} for q in questions}
         mean = lambda xs: pct(sum(xs), len(xs))
-        metrics = {"accuracy": mean([r["accuracy"] for r in per.values()]),
+        metrics = {"scorer": self.options["scorer"], "accuracy": mean([r["accuracy"] for r in per.values()]),
                    "per_answer_type": {k: mean(v) for k, v in sorted(by_ans.items())},
                    "per_question_type": {k: mean(v) for k, v in sorted(by_q.items())}}
         return metrics, per

@@ -27,16 +27,29 @@ def _add_train(sub):
     p.add_argument("--batch-size", type=int)
     p.add_argument("--grad-accum", type=int)
     p.add_argument("--on-bad", choices=["fail", "skip"], help="bad samples: stop with an error (default) or skip and count them")
+    _add_train_scale(p)
     p.set_defaults(func=cmd_train)
+
+
+def _add_train_scale(p):
+    """Long runs: step checkpoints, resume, streamed features, many processes (docs: README "Training at scale")."""
+    p.add_argument("--resume", action="store_true", help="reuse finished stages in --output and continue an interrupted one from its newest step checkpoint")
+    p.add_argument("--save-every", type=int, default=500, help="optimizer steps between step checkpoints (0: none; default 500)")
+    p.add_argument("--keep-last", type=int, default=2, help="step checkpoints kept (default 2)")
+    p.add_argument("--features", choices=["auto", "online", "cache"], default="auto",
+                   help="vision features: computed in the step (online, default on GPUs) or from the on-disk cache (default on CPUs)")
+    p.add_argument("--workers", type=int, help="DataLoader worker processes (default: a few for online features, 0 for the cache)")
+    p.add_argument("--strategy", choices=["ddp"], default="ddp", help="under torchrun: DDP (replicated weights)")
 
 
 def cmd_train(a):
     import dataclasses
 
-    from .config import RecipeConfig, load_yaml
+    from .config import RecipeConfig, check_ranges, load_yaml
     from .recipes import resolve
     from .train.run import run_stage
 
+    _positive(a, "max_samples", "epochs", "lr", "batch_size", "grad_accum")
     a.recipe = resolve(a.recipe)
     recipe = load_yaml(RecipeConfig, a.recipe)
     stages = [s for s in recipe.stages if (a.stage is None or s.name == a.stage) and not (a.skip_align and s.name == "align")]
@@ -52,14 +65,29 @@ def cmd_train(a):
     base_cfg = dataclasses.replace(recipe.model, sparse=dataclasses.replace(sparse, kind="none"))
     init = a.init
     stages = [dataclasses.replace(s, **{k: v for k, v in overrides.items() if k != "lora" or s.name == "instruct"}) for s in stages]
+    for s in stages:
+        check_ranges(s, f"{a.recipe}: stage {s.name}")
     for stage in stages:  # before any model is built: a missing data file is the common first-run mistake
         if stage.data and not Path(stage.data).is_file():
             raise LlavaGMError(f"stage {stage.name}: data file {stage.data} not found (relative to {Path.cwd()}); pass --data, "
                                "or build easy-VQA for the offline recipe here with `llava-gm prepare-data --output runs/data/easy-vqa`")
     for stage in stages:
-        result = run_stage(stage, Path(a.output) / stage.name, model_cfg=base_cfg, init=init, sparse=sparse)
+        result = run_stage(stage, Path(a.output) / stage.name, model_cfg=base_cfg, init=init, sparse=sparse, resume=a.resume,
+                           save_every=a.save_every, keep_last=a.keep_last, features=a.features, workers=a.workers,
+                           resume_command=_same_command(a))
         init = result["checkpoint"]
-    print(f"done: {init}")
+    if int(__import__("os").environ.get("RANK", "0")) == 0:  # under torchrun only rank 0 speaks
+        print(f"done: {init}")
+
+
+def _same_command(a) -> str:
+    """The command line that started this run, for messages that say how to continue it."""
+    import os
+    import shlex
+
+    argv = [x for x in getattr(a, "argv", []) if x != "--resume"]
+    launcher = "torchrun --nproc_per_node " + os.environ["WORLD_SIZE"] + " -m llava_gm" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "llava-gm"
+    return launcher + " " + shlex.join(argv)
 
 
 def _add_ask(sub):
@@ -78,14 +106,52 @@ def _decoding_args(p, max_new_tokens):
     p.add_argument("--seed", type=int, default=0)
 
 
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _positive(a, *names) -> None:
+    """Number flags checked before any work (a model load takes a while): a clear message naming the flag."""
+    import math
+
+    for name in names:
+        v = getattr(a, name, None)
+        if v is not None and (isinstance(v, float) and not math.isfinite(v) or v <= 0):
+            raise LlavaGMError(f"{_flag(name)} must be a positive number, not {v}")
+
+
+def _check_decoding(a) -> None:
+    import math
+
+    _positive(a, "max_new_tokens")
+    if not math.isfinite(a.temperature) or a.temperature < 0:
+        raise LlavaGMError(f"--temperature must be 0 (greedy) or positive, not {a.temperature}")
+    if not (0 < a.top_p <= 1):
+        raise LlavaGMError(f"--top-p must be in (0, 1], not {a.top_p}")
+
+
+def _text_arg(value: str, flag: str) -> str:
+    try:
+        value.encode("utf-8")  # undecodable command-line bytes arrive as lone surrogates
+    except UnicodeEncodeError:
+        raise LlavaGMError(f"{flag} is not valid UTF-8 text; check the terminal's encoding") from None
+    return value
+
+
 def cmd_ask(a):
+    from .answer_file import prompt_problem
     from .infer import Answerer
 
+    _check_decoding(a)
+    _text_arg(a.question, "--question")
     image = None
     if a.image:
         image = _open_image(a.image)
     answerer = Answerer.from_checkpoint(a.checkpoint)
     prompt = f"<image>\n{a.question}" if image is not None else a.question
+    problem = prompt_problem(answerer, prompt, image is not None)
+    if problem:
+        raise LlavaGMError(f"--question: {problem}")
     print(answerer.answer([{"prompt": prompt, "image": image}], max_new_tokens=a.max_new_tokens, temperature=a.temperature,
                           top_p=a.top_p, seed=a.seed, progress=False)[0])
 
@@ -103,7 +169,10 @@ def _add_answer(sub):
     p.add_argument("--image-folder", default="", help="folder the questions' image paths are relative to")
     p.add_argument("--output", required=True, help="answers JSONL: {question_id, prompt, text, model_id}")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--on-bad", choices=["fail", "skip"], default="fail")
+    p.add_argument("--on-bad", choices=["fail", "skip"], default="fail",
+                   help="bad rows (malformed, missing or undecodable image, too long): stop (default) or skip and count them")
+    p.add_argument("--resume", action="store_true", help="continue a partial --output (a killed run): answer only what is missing")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decode steps (and the tower for in-memory images): faster steps after ~1 min of "
                         "compiling per batch shape; pays off on long runs")
@@ -114,8 +183,10 @@ def _add_answer(sub):
 def cmd_answer(a):
     from .answer_file import answer_questions
 
+    _check_decoding(a)
+    _positive(a, "batch_size")
     answer_questions(a.checkpoint, a.questions, a.image_folder, a.output, batch_size=a.batch_size, on_bad=a.on_bad,
-                     compile=a.compile, max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p, seed=a.seed)
+                     compile=a.compile, resume=a.resume, overwrite=a.overwrite, max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p, seed=a.seed)
 
 
 def _add_prepare(sub):
@@ -173,6 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args.func(args)
     except LlavaGMError as e:

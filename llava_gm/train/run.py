@@ -132,6 +132,9 @@ def run_stage(stage: StageConfig, output: str | Path, model_cfg: Optional[ModelC
         say, progress = (lambda m: None), False
     if features not in ("auto", "online", "cache"):
         raise LlavaGMError(f"features {features!r}: use online, cache or auto")
+    for name, value, least in (("save_every", save_every, 0), ("keep_last", keep_last, 1), ("workers", workers or 0, 0)):
+        if not isinstance(value, int) or value < least:
+            raise LlavaGMError(f"{name} {value!r}: use a whole number of at least {least}")
     done = _finished(output, stage, resume, resume_command, say)
     if done is not None:
         return done

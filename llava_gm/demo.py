@@ -38,7 +38,8 @@ def _train(stage, out: Path, model_cfg, init, sparse=None) -> str:
         read_checkpoint_config(out)  # a finished checkpoint (they are written atomically): reuse it
         print(f"reusing {out}")
         return str(out)
-    return run_stage(stage, out, model_cfg=model_cfg, init=init, sparse=sparse)["checkpoint"]
+    # step checkpoints every 50 steps: an interrupted `make demo` run again continues the stage it was in
+    return run_stage(stage, out, model_cfg=model_cfg, init=init, sparse=sparse, resume=True, save_every=50)["checkpoint"]
 
 
 def _latency_ms(answerer, image_path: Path, runs: int = 10) -> float:

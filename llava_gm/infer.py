@@ -1,4 +1,5 @@
-"""Answering with a trained checkpoint: batched generation, text log-likelihoods and perplexity.
+"""Answering with a trained checkpoint: batched generation (through the engine, llava_gm/engine/), text
+log-likelihoods and perplexity.
 
 The model runs in bf16 where that is fast (GPUs, CPUs with AMX), else fp32; prompts go through the same chat
 template as training; image features of files come from the same on-disk cache as training.
@@ -58,6 +59,15 @@ class Answerer:
         return FastLM(self.model.lm, compile=self.compile) if self.use_fast or self.compile else None
 
     @functools.cached_property
+    def engine(self):
+        """The generation engine on the fastest backend this Answerer allows (built with `fast` at the first answer)."""
+        from .engine.backends import choose_backend
+        from .engine.core import Engine
+
+        fast = self.fast
+        return Engine(self.model, choose_backend(self.model, fast), head=getattr(fast, "head", None), stop_ids=self.stop_ids)
+
+    @functools.cached_property
     def compiled_tower(self):
         from .model.compiled import CompiledTower
 
@@ -111,15 +121,14 @@ class Answerer:
         rank = {key: r for r, key in enumerate(first)}
         order = sorted(range(len(items)), key=lambda k: (rank.get(image_key[k], -1), len(prompts[k])))
         answers: list[str] = [""] * len(items)
-        gen = torch.Generator().manual_seed(seed) if temperature > 0 else None
         bar = tqdm(total=len(items), desc="answering", unit="q", disable=not progress)
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
             keys = list(dict.fromkeys(image_key[k] for k in idx if image_key[k] is not None))
             stacked = torch.stack([feats[first[key]] for key in keys]).to(self.device, self.model.projector_dtype) if keys else None
             index = [keys.index(image_key[k]) if image_key[k] is not None else -1 for k in idx]
-            out = self.model.generate([prompts[k] for k in idx], stacked, index, max_new_tokens=max_new_tokens, temperature=temperature,
-                                      top_p=top_p, stop_ids=self.stop_ids, generator=gen, fast=self.fast)
+            out = self.engine.generate([prompts[k] for k in idx], stacked, index, max_new_tokens=max_new_tokens, temperature=temperature,
+                                       top_p=top_p, seed=seed + start)
             for k, toks in zip(idx, out):
                 answers[k] = self.model.tokenizer.decode(toks, skip_special_tokens=True).strip()
             bar.update(len(idx))
@@ -129,9 +138,9 @@ class Answerer:
     # ---- text-only scoring ---------------------------------------------------------------------
     def _token_logprobs(self, ids: torch.Tensor, mask: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """log p(ids[:, t+1] | ids[:, :t+1]) where targets[:, t] is True, else 0."""
-        self.model._set_modality(None, None, mask)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        hidden = self.model.decoder(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).last_hidden_state
+        with self.model.modality(None, None, mask):
+            hidden = self.model.decoder(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).last_hidden_state
         out = torch.zeros(targets.shape, dtype=torch.float32, device=ids.device)
         keep = targets[:, :-1]
         logits = self.model.logits_from_hidden(hidden[:, :-1][keep]).float()

@@ -23,7 +23,7 @@ from llava_gm.analysis.params_flops import (
 )
 from llava_gm.analysis.routing import collect_routing, summarize, write_report
 from llava_gm.config import ModelConfig, SparseConfig
-from llava_gm.model.sparse import record_routing, set_modality, sparsify
+from llava_gm.model.sparse import modality, record_routing, sparsify
 
 D, I, V = 64, 128, 97  # tiny LM: hidden, intermediate, vocab
 FFN = 3 * D * I
@@ -79,8 +79,8 @@ def test_lm_flops_by_hand_and_measured():
     sparsify(evf, evf_cfg)
     assert lm_flops(lm.config, evf_cfg, 0, t)["total"] == by_hand == measured_flops(evf, ids(1, t))
     img = image_mask(1, t, n=4)
-    set_modality(evf, img, img.any(1))
-    assert lm_flops(lm.config, evf_cfg, 4, 8)["total"] == by_hand + 2 * 2 * t * D * 2 == measured_flops(evf, ids(1, t))
+    with modality(evf, img, img.any(1)):
+        assert lm_flops(lm.config, evf_cfg, 4, 8)["total"] == by_hand + 2 * 2 * t * D * 2 == measured_flops(evf, ids(1, t))
 
 
 def test_sliding_window_context():
@@ -122,8 +122,8 @@ class _Wrapper(nn.Module):
         self.lm = lm
 
     def forward(self, input_ids, image_mask):
-        set_modality(self.lm, image_mask, image_mask.any(1))
-        return self.lm(input_ids)
+        with modality(self.lm, image_mask, image_mask.any(1)):
+            return self.lm(input_ids)
 
 
 @pytest.mark.parametrize("kind", ["moe", "evf"])
@@ -150,8 +150,8 @@ def test_evf_img_gbpr_routing_splits_by_modality():
     lm = _sparse(SparseConfig(kind="evf", allocation="img_gbpr"))
     with record_routing(lm) as stats:
         img = image_mask(2, 16, n=6)
-        set_modality(lm, img, img.any(1))
-        lm(ids(2, 16))
+        with modality(lm, img, img.any(1)):
+            lm(ids(2, 16))
     e = summarize(stats)["layers"]["0"]
     assert e["image"]["load"] == [0.0, 1.0] and e["text"]["load"] == [1.0, 0.0] and e["all"]["drop_rate"] == 0
 

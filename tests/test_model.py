@@ -7,6 +7,7 @@ import torch
 
 from llava_gm.config import LanguageConfig, ModelConfig, ProjectorConfig, VisionConfig
 from llava_gm.data.conversation import IGNORE_INDEX, IMAGE_TOKEN_ID, ConversationEncoder, to_messages
+from llava_gm.engine.core import Engine
 from llava_gm.model.build import build_model
 
 import tiny
@@ -91,7 +92,7 @@ def test_kv_cache_batched_left_padded_generation_matches_plain_greedy(tmp_path, 
     assert len(prompts[0]) != len(prompts[1])  # so the batch needs left padding
     torch.manual_seed(1)
     feats = torch.randn(2, model.vision_tokens, model.vision_dim)
-    batched = model.generate(prompts, feats, max_new_tokens=12, stop_ids=[])
+    batched = Engine(model).generate(prompts, feats, max_new_tokens=12, stop_ids=[])
     for i, p in enumerate(prompts):
         assert batched[i] == greedy_without_cache(model, p, feats[i : i + 1], 12)
 
@@ -100,8 +101,8 @@ def test_generation_stops_at_stop_token(tiny_model_config):
     model = build_model(tiny_model_config).eval()
     enc = ConversationEncoder(model.tokenizer, model.num_image_tokens, 512)
     p = enc.encode_prompt(to_messages([{"from": "human", "value": "hello"}], "t"))
-    free = model.generate([p], None, max_new_tokens=8, stop_ids=[])[0]
-    stopped = model.generate([p], None, max_new_tokens=8, stop_ids=[free[2]])[0]
+    free = Engine(model).generate([p], None, max_new_tokens=8, stop_ids=[])[0]
+    stopped = Engine(model).generate([p], None, max_new_tokens=8, stop_ids=[free[2]])[0]
     assert stopped == free[: free.index(free[2])]
 
 
@@ -109,8 +110,8 @@ def test_sampling_is_reproducible_with_a_seed(tiny_model_config):
     model = build_model(tiny_model_config).eval()
     enc = ConversationEncoder(model.tokenizer, model.num_image_tokens, 512)
     p = enc.encode_prompt(to_messages([{"from": "human", "value": "hello"}], "t"))
-    a = model.generate([p], None, max_new_tokens=8, temperature=1.0, top_p=0.9, generator=torch.Generator().manual_seed(3))
-    b = model.generate([p], None, max_new_tokens=8, temperature=1.0, top_p=0.9, generator=torch.Generator().manual_seed(3))
+    a = Engine(model).generate([p], None, max_new_tokens=8, temperature=1.0, top_p=0.9, seed=3)
+    b = Engine(model).generate([p], None, max_new_tokens=8, temperature=1.0, top_p=0.9, seed=3)
     assert a == b and len(a[0]) == 8
 
 
@@ -127,7 +128,7 @@ def test_questions_sharing_an_image_prefill_it_once_with_identical_answers(tmp_p
     calls = []
     orig = model.embed
     model.embed = lambda ids, f: calls.append(tuple(ids.shape)) or orig(ids, f)
-    shared = model.generate(prompts, feats, index, max_new_tokens=10, stop_ids=[])
+    shared = Engine(model).generate(prompts, feats, index, max_new_tokens=10, stop_ids=[])
     # the prefill ran once per distinct image, unless a short sliding window forbids sharing
     assert calls[0][0] == (2 if shares else 4)
     model.embed = orig

@@ -21,7 +21,7 @@ from llava_gm.model.sparse import (
     eve_balance_loss,
     record_routing,
     select_layers,
-    set_modality,
+    modality,
     sparse_modules,
     sparse_trainable,
     sparsify,
@@ -47,8 +47,8 @@ def sparse_copy(lm, cfg):
 
 
 def logits(lm, x, img=None, has=None, token_mask=None):
-    set_modality(lm, img, has, token_mask)
-    return lm(x).logits
+    with modality(lm, img, has, token_mask):
+        return lm(x).logits
 
 
 # ---- layer choice and structure -------------------------------------------------------------------
@@ -280,8 +280,8 @@ def test_gradients_reach_routers_and_experts(cfg):
         assert not any(".experts.0." in n for n in names) and any(".experts.1." in n for n in names)
     x = ids(4, 16)
     img = image_mask(4, 16, n=8)
-    set_modality(lm, img, img.any(1))
-    out = lm(x, labels=x)
+    with modality(lm, img, img.any(1)):
+        out = lm(x, labels=x)
     (out.loss + sum(aux_losses(lm).values())).backward()
     params = dict(lm.named_parameters())
     for n in names:
@@ -297,8 +297,8 @@ def test_frozen_weights_unchanged_after_step(cfg):
     opt = torch.optim.AdamW([p for p in lm.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.01)
     x = ids(2, 16)
     img = image_mask(2, 16)
-    set_modality(lm, img, img.any(1))
-    out = lm(x, labels=x)
+    with modality(lm, img, img.any(1)):
+        out = lm(x, labels=x)
     (out.loss + sum(aux_losses(lm).values())).backward()
     opt.step()
     for n, p in lm.named_parameters():
@@ -332,8 +332,7 @@ def test_bf16_autocast_forward_backward(cfg):
     lm = sparse_copy(tiny_lm(), cfg).train()
     _mark(lm)
     x, img = ids(2, 16), image_mask(2, 16)
-    set_modality(lm, img, img.any(1))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with modality(lm, img, img.any(1)), torch.autocast("cpu", dtype=torch.bfloat16):
         out = lm(x, labels=x)
         loss = out.loss + sum(aux_losses(lm).values())
     loss.backward()
@@ -342,21 +341,21 @@ def test_bf16_autocast_forward_backward(cfg):
 
 
 # ---- modality plumbing and recording ------------------------------------------------------------------
-def test_set_modality_shape_mismatch_is_an_error():
+def test_modality_shape_mismatch_is_an_error_and_the_masks_are_cleared():
     lm = sparse_copy(tiny_lm(), evf())
-    set_modality(lm, image_mask(2, 5), None)
-    with pytest.raises(LlavaGMError, match="set_modality"):
+    with pytest.raises(LlavaGMError, match="modality"), modality(lm, image_mask(2, 5), None):
         lm(ids(2, 12))
+    assert all(m._masks == (None, None, None) for m in sparse_modules(lm))  # cleared on the way out of the error
+    lm(ids(2, 12))  # outside the context: text only, no stale masks
 
 
 def test_evf_cached_decoding_routes_text_to_language_ffn():
     lm = sparse_copy(tiny_lm(), evf())
     x = ids(1, 10)
     img = image_mask(1, 10)
-    set_modality(lm, img, img.any(1))
-    out = lm(x, use_cache=True)
-    with record_routing(lm) as stats:
-        set_modality(lm, torch.zeros(1, 1, dtype=torch.bool), torch.tensor([True]))
+    with modality(lm, img, img.any(1)):
+        out = lm(x, use_cache=True)
+    with record_routing(lm) as stats, modality(lm, torch.zeros(1, 1, dtype=torch.bool), torch.tensor([True])):
         lm(x[:, -1:], past_key_values=out.past_key_values, use_cache=True)
     for s in stats.values():
         assert s["tokens"] == [1.0, 0.0] and s["processed"][0] == [1.0, 0.0]  # one text token, language FFN

@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..engine.cache import KVCache  # the engine's one cache
+
 
 def _can_pack(w: torch.Tensor) -> bool:
     return w.device.type == "cpu" and w.dtype in (torch.bfloat16, torch.float32) and torch.backends.mkldnn.is_available()
@@ -68,25 +70,6 @@ class _Norm(nn.Module):
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), -1)
-
-
-class KVCache:
-    """Keys and values per layer, [batch, kv_heads, length, head_dim]; grows by concatenation."""
-
-    def __init__(self, num_layers: int):
-        self.k: list[Optional[torch.Tensor]] = [None] * num_layers
-        self.v: list[Optional[torch.Tensor]] = [None] * num_layers
-
-    def update(self, i: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.k[i] is not None:
-            k, v = torch.cat([self.k[i], k], 2), torch.cat([self.v[i], v], 2)
-        self.k[i], self.v[i] = k, v
-        return k, v
-
-    def reorder_cache(self, index: torch.Tensor) -> None:
-        """Row b of the batch becomes row index[b] (one shared prefill copied to several prompts)."""
-        self.k = [None if t is None else t.index_select(0, index) for t in self.k]
-        self.v = [None if t is None else t.index_select(0, index) for t in self.v]
 
 
 class _Layer(nn.Module):

@@ -15,8 +15,9 @@ EVF (Eve): experts[0] = language FFN (frozen copy), experts[1] = vision FFN (tra
     stage-2 outputs at the start of stage 3) while the router gets the gradient of Eve's p-weighted output.
     Balance loss (Eve eq. 4) = F_lang * G_lang + F_vis * G_vis.
 
-Before each LM forward the caller says which tokens are image tokens with `set_modality`; after it,
-`aux_losses(lm)` returns the weighted auxiliary losses of that forward.
+Each LM forward runs inside `with modality(lm, image_mask, ...)`, which tells the sparse layers which tokens are
+image tokens and clears that again on exit (nothing is left on the modules between calls; outside the context
+every token is a text token). After a forward, `aux_losses(lm)` returns its weighted auxiliary losses.
 """
 
 from __future__ import annotations
@@ -233,7 +234,7 @@ class SparseFFN(nn.Module):
         g = torch.Generator().manual_seed(layer_idx)
         with torch.no_grad():
             self.router.weight.copy_(torch.randn(self.router.weight.shape, generator=g) * init_std)
-        self._masks: tuple = (None, None, None)  # image_mask, sample_has_image, token_mask (set_modality)
+        self._masks: tuple = (None, None, None)  # image_mask, sample_has_image, token_mask: set only inside `modality`
         self.last_aux: dict[str, torch.Tensor] = {}
         self._record: Optional[_Record] = None
 
@@ -249,8 +250,8 @@ class SparseFFN(nn.Module):
             if m is None:
                 return None
             if tuple(m.shape) != tuple(lead):
-                raise LlavaGMError(f"set_modality: {what} has shape {tuple(m.shape)} but this forward has tokens {tuple(lead)}; "
-                                   "call set_modality(lm, ...) before every LM forward")
+                raise LlavaGMError(f"modality: {what} has shape {tuple(m.shape)} but this forward has tokens {tuple(lead)}; "
+                                   "give the masks of the forward run inside `with modality(lm, ...)`")
             return m.reshape(-1).to(device=device, dtype=torch.bool)
 
         image = flat(image_mask, "image_mask")
@@ -259,7 +260,7 @@ class SparseFFN(nn.Module):
             has_image = image_mask.any(-1)
         if has_image is not None:
             if has_image.numel() != lead[0] or len(lead) != 2:
-                raise LlavaGMError(f"set_modality: sample_has_image has {has_image.numel()} entries but this forward has tokens {tuple(lead)}")
+                raise LlavaGMError(f"modality: sample_has_image has {has_image.numel()} entries but this forward has tokens {tuple(lead)}")
             has_image = has_image.to(device=device, dtype=torch.bool)[:, None].expand(lead).reshape(-1)
         if image is None:
             image = torch.zeros(n, dtype=torch.bool, device=device)
@@ -373,15 +374,21 @@ def sparsify(lm: nn.Module, cfg: SparseConfig) -> list[int]:
     return idx
 
 
-def set_modality(lm: nn.Module, image_mask: Optional[torch.Tensor], sample_has_image: Optional[torch.Tensor],
-                 token_mask: Optional[torch.Tensor] = None) -> None:
-    """Tell the sparse layers about the tokens of the next forward. image_mask [B, T]: image-token positions;
-    sample_has_image [B]: samples with an image anywhere (needed in cached decoding, where T = 1);
-    token_mask [B, T] (optional, the attention mask): False = padding, which takes no capacity and no loss.
-    All None = text only."""
-    masks = (image_mask, sample_has_image, token_mask)
-    for m in sparse_modules(lm):
-        m._masks = masks
+@contextmanager
+def modality(lm: nn.Module, image_mask: Optional[torch.Tensor], sample_has_image: Optional[torch.Tensor],
+             token_mask: Optional[torch.Tensor] = None):
+    """Tell the sparse layers about the tokens of the forwards run inside; cleared on exit, errors included.
+    image_mask [B, T]: image-token positions; sample_has_image [B]: samples with an image anywhere (needed in
+    cached decoding, where T = 1); token_mask [B, T] (optional, the attention mask): False = padding, which takes
+    no capacity and no loss. All None = text only."""
+    mods = sparse_modules(lm)
+    for m in mods:
+        m._masks = (image_mask, sample_has_image, token_mask)
+    try:
+        yield
+    finally:
+        for m in mods:
+            m._masks = (None, None, None)
 
 
 def aux_losses(lm: nn.Module) -> dict[str, torch.Tensor]:

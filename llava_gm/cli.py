@@ -224,6 +224,44 @@ def _add_demo(sub):
     p.set_defaults(func=lambda a: __import__("llava_gm.demo", fromlist=["x"]).run_demo(a.output, full=a.full, stage3=not a.no_stage3))
 
 
+def _add_export(sub):
+    p = sub.add_parser("export", help="write a model as a transformers Llava folder (hf) or llava-gm's self-contained folder")
+    p.add_argument("--checkpoint", required=True, help="a training checkpoint or a llava-gm export")
+    p.add_argument("--format", required=True, choices=["hf", "llava-gm"],
+                   help="hf: LlavaForConditionalGeneration + processor (dense models); llava-gm: any model, read by llava_gm.load")
+    p.add_argument("--output", required=True, help="new folder to write")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder (once the new one is complete)")
+    p.set_defaults(func=lambda a: print(f"exported ({a.format}): " + str(__import__("llava_gm.export", fromlist=["x"]).export_checkpoint(
+        a.checkpoint, a.output, a.format, a.overwrite))))
+
+
+def _add_explain(sub):
+    p = sub.add_parser("explain", help="answer a question and write the image overlaid with each image token's relevance")
+    p.add_argument("--checkpoint", required=True, help="a training checkpoint or a llava-gm export")
+    p.add_argument("--image", required=True)
+    p.add_argument("--question", required=True)
+    p.add_argument("--output", required=True, help="PNG to write")
+    p.add_argument("--tokens", default="first", help="answer tokens to explain: first (as LLaVA-Gemma), all, or an index")
+    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.set_defaults(func=cmd_explain)
+
+
+def cmd_explain(a):
+    from . import load
+    from .analysis.relevancy import explain, overlay_png
+    from .images import load_image
+    from .paths import atomic_write_bytes
+
+    if Path(a.output).suffix.lower() != ".png":
+        raise LlavaGMError(f"--output {a.output}: the map is written as PNG; name the file *.png")
+    tokens = int(a.tokens) if a.tokens.lstrip("-").isdigit() else a.tokens
+    image = load_image(a.image)
+    e = explain(load(a.checkpoint), image, a.question, max_new_tokens=a.max_new_tokens, tokens=tokens)
+    atomic_write_bytes(Path(a.output), overlay_png(image, e.relevance, title=f"{a.question} -> {e.answer}", explanation=e))
+    print(e.answer)
+    print(f"relevancy map of {len(e.token_relevance)} image tokens ({e.grid[0]}x{e.grid[1]} grid) -> {a.output}", file=sys.stderr)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llava-gm", description="Build, train, evaluate and serve lightweight sparse VLMs.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -233,6 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_ask(sub)
     _add_answer(sub)
+    _add_export(sub)
+    _add_explain(sub)
     for module in ("llava_gm.eval.cli", "llava_gm.analysis.cli"):
         try:
             __import__(module, fromlist=["add_commands"]).add_commands(sub)

@@ -127,11 +127,57 @@ def _build(tp: Any, value: Any, where: str) -> Any:
         (inner, *_) = get_args(tp) or (Any,)
         items = [_build(inner, v, f"{where}[{i}]") for i, v in enumerate(value)]
         return tuple(items) if origin is tuple else items
-    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if tp in (int, str, bool) and not isinstance(value, tp):
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 5e-5 (no dot) as a string: take it as the number it is
+            try:
+                return float(value)
+            except ValueError:
+                raise LlavaGMError(f"{where}: expected a number, got {value!r}") from None
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise LlavaGMError(f"{where}: expected a number, got {value!r}")
+    if tp in (int, str, bool) and (not isinstance(value, tp) or (tp is int and isinstance(value, bool))):
         raise LlavaGMError(f"{where}: expected {tp.__name__}, got {value!r}")
     return value
+
+
+# ---- ranges: every number checked before any work, naming the field ------------------------------------------
+
+_POS, _NONNEG, _UNIT = (lambda v: v > 0, "> 0"), (lambda v: v >= 0, ">= 0"), (lambda v: 0 <= v <= 1, "in [0, 1]")
+_RANGES = {
+    VisionConfig: {"image_size": _POS},
+    ProjectorConfig: {"pool": _POS},
+    LanguageConfig: {"max_length": _POS},
+    SparseConfig: {"num_experts": _POS, "top_k": _POS, "balance_coef": _NONNEG, "z_loss_coef": _NONNEG,
+                   "capacity_factor_train": _POS, "capacity_factor_eval": _POS, "evf_capacity": _POS,
+                   "overflow_share": _UNIT, "img_prior": (lambda v: True, "")},
+    StageConfig: {"lora_rank": _POS, "lora_alpha": _POS, "word_loss": _NONNEG, "lr": _POS, "projector_lr": _POS,
+                  "epochs": _POS, "batch_size": _POS, "grad_accum": _POS, "weight_decay": _NONNEG,
+                  "betas": (lambda v: 0 <= v < 1, "in [0, 1)"), "warmup_ratio": _UNIT, "max_samples": _POS},
+}
+
+
+def check_ranges(obj: Any, where: str = "config") -> Any:
+    """Raise LlavaGMError naming the first number field (of `obj` and the configs inside it) that is not finite or
+    is out of its range; return `obj`. Types are checked by `from_dict`; this also covers command-line overrides."""
+    import math
+
+    for f in fields(obj):
+        value, name = getattr(obj, f.name), f"{where}.{f.name}"
+        if is_dataclass(value):
+            check_ranges(value, name)
+        elif isinstance(value, list) and value and all(is_dataclass(v) for v in value):
+            for i, v in enumerate(value):
+                check_ranges(v, f"{name}[{i}]")
+        rule = _RANGES.get(type(obj), {}).get(f.name)
+        if rule is None or value is None:
+            continue
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not rule[0](v):
+                raise LlavaGMError(f"{name} must be a finite number{' ' + rule[1] if rule[1] else ''}, not {value!r}")
+    if isinstance(obj, SparseConfig) and obj.kind == "moe" and obj.top_k > obj.num_experts:
+        raise LlavaGMError(f"{where}.top_k ({obj.top_k}) must not exceed num_experts ({obj.num_experts})")
+    return obj
 
 
 def from_dict(cls: type, data: dict, where: str = "config") -> Any:
@@ -159,14 +205,23 @@ def _plain(x: Any) -> Any:
 
 
 def load_yaml(cls: type, path: Union[str, Path]) -> Any:
+    """A config file as `cls`, its types and number ranges checked (errors name the file and field)."""
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise LlavaGMError(f"{path}: no such config file") from None
+    except IsADirectoryError:
+        raise LlavaGMError(f"{path}: is a folder, not a config file") from None
+    except UnicodeDecodeError as e:
+        raise LlavaGMError(f"{path}: not UTF-8 text (byte {e.start})") from None
     except yaml.YAMLError as e:
         raise LlavaGMError(f"{path}: not valid YAML ({e})") from None
-    return from_dict(cls, data, where=str(path))
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise LlavaGMError(f"{path}: expected a mapping of fields at the top, got {type(data).__name__}")
+    return check_ranges(from_dict(cls, data, where=str(path)), str(path))
 
 
 def save_yaml(obj: Any, path: Union[str, Path]) -> None:

@@ -18,11 +18,13 @@ def cache_dir() -> Path:
 
 
 @contextlib.contextmanager
-def atomic_dir(target: Path) -> Iterator[Path]:
+def atomic_dir(target: Path, loser_fails: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling folder; on success it is renamed onto `target` in one step.
 
-    If another process finished `target` first, ours is discarded, so two racing processes
-    never see a half-written folder and never clobber each other's finished one.
+    Readers never see a half-written folder and a finished one is never clobbered. If another process finished
+    `target` first: a cache (the default) keeps the winner's copy, which is as good as ours; with `loser_fails`
+    (checkpoints, where the two differ) ours is kept beside it as `<target>.conflict-<pid>` and the loser fails,
+    saying so, instead of reporting success for a result that is not there.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -34,7 +36,15 @@ def atomic_dir(target: Path) -> Iterator[Path]:
         except OSError:
             if not target.exists():
                 raise
-            shutil.rmtree(tmp, ignore_errors=True)  # lost the race: the winner's copy is complete
+            if not loser_fails:
+                shutil.rmtree(tmp, ignore_errors=True)  # lost the race: the winner's copy is complete
+                return
+            kept = target.with_name(f"{target.name}.conflict-{os.getpid()}")
+            os.rename(tmp, kept)
+            from .errors import LlavaGMError
+
+            raise LlavaGMError(f"{target} was written by another process while this one ran (two runs with one output "
+                               f"folder?); this run's result is kept at {kept}") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -47,7 +47,12 @@ def read_rows(path: str | Path) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         raise LlavaGMError(f"{path}: data file not found")
-    text = path.read_text(encoding="utf-8")
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise LlavaGMError(f"{path}:{line}: not UTF-8 text (byte {e.start} of the file); save the file as UTF-8") from None
     if path.suffix == ".jsonl":
         rows = []
         for n, line in enumerate(text.splitlines(), 1):
@@ -74,6 +79,11 @@ def check_row(row, index: int, image_folder: Path) -> tuple[str, Optional[Path],
     if "conversations" not in row:
         raise SampleError(sid, "has no 'conversations' field")
     messages = to_messages(row["conversations"], sid)
+    for i, m in enumerate(messages):
+        try:
+            m["content"].encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate ("\ud800" in the JSON) is no text a tokenizer can take
+            raise SampleError(sid, f"turn {i}: 'value' is not valid Unicode text") from None
     tags = sum(m["content"].count(IMAGE_TAG) for m in messages)
     image = row.get("image")
     if image is not None and not isinstance(image, str):
@@ -91,6 +101,8 @@ def check_row(row, index: int, image_folder: Path) -> tuple[str, Optional[Path],
 
 
 def load_samples(path: str | Path, image_folder: str | Path, encoder: ConversationEncoder, on_bad: str = "fail", max_samples: Optional[int] = None) -> tuple[list[Sample], SkipReport]:
+    if max_samples is not None and (isinstance(max_samples, bool) or not isinstance(max_samples, int) or max_samples < 1):
+        raise LlavaGMError(f"max_samples must be a positive whole number, not {max_samples!r}")
     rows = read_rows(path)
     if max_samples:
         rows = rows[:max_samples]

@@ -9,6 +9,7 @@ the run (on_error="fail", the default) or drop the row and get counted in the re
 from __future__ import annotations
 
 import json
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Hashable, Iterator, Optional, Union
@@ -131,11 +132,23 @@ def need_file(path: Path, what: str, downloads: str = "") -> Path:
 
 
 def read_json(path: Path) -> Any:
+    """A JSON file; a key that repeats inside one object is an error (json.load would keep the last one silently)."""
     try:
         with open(path, encoding="utf-8") as f:
-            return json.load(f)
+            return json.load(f, object_pairs_hook=lambda pairs: _unique_pairs(pairs, path))
     except json.JSONDecodeError as e:
         raise LlavaGMError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+    except UnicodeDecodeError as e:
+        raise LlavaGMError(f"{path}: not UTF-8 text (byte {e.start}); save it as UTF-8") from None
+
+
+def _unique_pairs(pairs: list, path: Path) -> dict:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        counts = Counter(k for k, _ in pairs)
+        repeated = sorted(k for k, c in counts.items() if c > 1)
+        raise LlavaGMError(f"{path}: key(s) {repeated[:5]} repeat inside one JSON object; each id must be unique")
+    return out
 
 
 def json_part(obj: Any, key: Optional[str], path: Path, kind: type = list) -> Any:
@@ -149,11 +162,16 @@ def json_part(obj: Any, key: Optional[str], path: Path, kind: type = list) -> An
 
 def read_jsonl(path: Path, problems: Problems) -> Iterator[tuple[str, dict]]:
     """(where, row) for each non-empty line; malformed lines become problems."""
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            where = f"{path}:{n}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                problems.add(where, f"not UTF-8 text (byte {e.start} of the line); save the file as UTF-8")
+                continue
             if not line.strip():
                 continue
-            where = f"{path}:{n}"
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
@@ -166,6 +184,9 @@ def read_jsonl(path: Path, problems: Problems) -> Iterator[tuple[str, dict]]:
 
 
 def image_file(root: Path, name: str, where: str, problems: Problems, key: Hashable = None) -> Optional[str]:
+    if not isinstance(name, str) or not name.strip():
+        problems.add(where, f"image must be a file name, not {name!r}", key)
+        return None
     path = root / name
     if problems.check_images and not path.is_file():
         problems.add(where, f"image not found: {path}", key)
@@ -183,3 +204,30 @@ def pick_root(data: str, main_file: str) -> tuple[Path, Path]:
 
 def pct(num: float, den: int) -> float:
     return 100.0 * num / den if den else 0.0
+
+
+def valid_key(key: Any) -> bool:
+    """Question ids are numbers or strings (JSON true/false, lists and objects are not ids)."""
+    return isinstance(key, (int, str)) and not isinstance(key, bool)
+
+
+def unique_questions(questions: list[Question], problems: Problems) -> list[Question]:
+    """Every question id must name one question: an id that repeats makes its answer and ground truth ambiguous
+    (a wrong score either way), so each repeat is a problem, and with on_error=skip all its rows (and their
+    groups) are left out."""
+    rows: dict = {}
+    bad_groups = set()
+    for q in questions:
+        if not valid_key(q.key):
+            problems.add(q.where, f"question id must be a number or a string, not {q.key!r}")
+            bad_groups.add(("q", id(q)) if q.group is None else ("g", q.group))
+            continue
+        rows.setdefault(q.key, []).append(q)
+    for key, qs in rows.items():
+        if len(qs) > 1:
+            problems.add(qs[0].where, f"question id {key!r} repeats: {len(qs)} rows ({', '.join(q.where for q in qs[:4])})", key)
+            bad_groups.update(("q", key) if q.group is None else ("g", q.group) for q in qs)
+    if not bad_groups:
+        return questions
+    gid = lambda q: ("g", q.group) if q.group is not None else ("q", q.key if valid_key(q.key) else id(q))
+    return [q for q in questions if gid(q) not in bad_groups]

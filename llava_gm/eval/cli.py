@@ -30,6 +30,7 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="data problems (missing image, malformed row, no answer): stop (default) or skip and count them")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="task option, e.g. ocr=false")
     p.add_argument("--output", help="results JSON path")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output (refused without it)")
 
 
 def _print_result(r: dict) -> None:
@@ -43,11 +44,35 @@ def _print_result(r: dict) -> None:
         print(f"  {name}: {path}")
 
 
+def _check_numbers(args) -> None:
+    """Number flags checked before the model loads, naming the flag."""
+    import math
+
+    for flag in ("limit", "batch_size", "max_new_tokens"):
+        v = getattr(args, flag, None)
+        if v is not None and v <= 0:
+            raise LlavaGMError(f"--{flag.replace('_', '-')} must be a positive number, not {v}")
+    t = getattr(args, "temperature", 0.0)
+    if not math.isfinite(t) or t < 0:
+        raise LlavaGMError(f"--temperature must be 0 (greedy) or positive, not {t}")
+
+
+def _refuse_existing(output: str, overwrite: bool) -> None:
+    """Results (and the answer file beside them) are not replaced without --overwrite."""
+    out = Path(output).expanduser()
+    stem = out.with_suffix("") if out.suffix == ".json" else out
+    existing = [p for p in (out, Path(f"{stem}.answers.jsonl")) if p.exists()]
+    if existing and not overwrite:
+        raise LlavaGMError(f"{existing[0]} already exists; pass --overwrite to replace it, or choose another --output")
+
+
 def cmd_eval(args) -> int:
     from ..infer import Answerer
 
-    answerer = Answerer.from_checkpoint(args.checkpoint)
+    _check_numbers(args)
     output = args.output or str(Path("runs") / "eval" / Path(args.checkpoint).name / f"{args.task}.json")
+    _refuse_existing(output, args.overwrite)
+    answerer = Answerer.from_checkpoint(args.checkpoint)
     r = evaluate(answerer, args.task, args.data, output=output, limit=args.limit, batch_size=args.batch_size,
                  split=args.split, image_folder=args.image_folder, max_new_tokens=args.max_new_tokens,
                  temperature=args.temperature, on_error=args.on_error, options=_options(args.option),
@@ -57,6 +82,8 @@ def cmd_eval(args) -> int:
 
 
 def cmd_score(args) -> int:
+    if args.output:
+        _refuse_existing(args.output, args.overwrite)
     r = score(args.task, args.data, args.answers, output=args.output, split=args.split, image_folder=args.image_folder,
               on_error=args.on_error, options=_options(args.option))
     _print_result(r)

@@ -18,7 +18,8 @@ from typing import Iterable, Optional
 
 from .. import __version__
 from ..errors import LlavaGMError
-from .base import Loaded, Problems, Question
+from ..paths import atomic_write_bytes
+from .base import Loaded, Problems, Question, unique_questions, valid_key
 from .tasks import TASKS, get_task
 
 
@@ -38,11 +39,25 @@ def _limit(questions: list[Question], limit: Optional[int]) -> list[Question]:
     return [q for q in questions if gid(q) in chosen]
 
 
+def _load(task, data, split, image_folder, problems: Problems) -> Loaded:
+    """The task's questions with unique ids (a repeated id is a problem: it would score one row's answer against
+    another row's truth); any file that is not UTF-8 is one clear error."""
+    try:
+        loaded = task.load(str(data), split, image_folder, problems)
+    except UnicodeDecodeError as e:
+        raise LlavaGMError(f"{data}: a file of the {task.name} data is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
+    loaded.questions = unique_questions(loaded.questions, problems)
+    problems.check()
+    return loaded
+
+
 def _drop_incomplete(questions: list[Question], predictions: dict, problems: Problems) -> list[Question]:
     """Questions without a prediction become problems; with on_error=skip their whole group is left out."""
     missing = [q for q in questions if q.key not in predictions]
+    named = {p["question_id"] for p in problems.items if valid_key(p.get("question_id"))}  # already have their reason
     for q in missing:
-        problems.add(q.where, "no answer for this question", q.key)
+        if q.key not in named:
+            problems.add(q.where, "no answer for this question", q.key)
     problems.check("answer")
     bad = {q.group for q in missing if q.group is not None}
     return [q for q in questions if q.key in predictions and (q.group is None or q.group not in bad)]
@@ -50,6 +65,8 @@ def _drop_incomplete(questions: list[Question], predictions: dict, problems: Pro
 
 def _generate(answerer, questions, problems, max_new_tokens, temperature, batch_size, progress) -> dict:
     from tqdm import tqdm
+
+    from ..answer_file import answer_checked, prompt_problem
 
     predictions = {}
     chunk = max(256, 8 * batch_size)  # bounds the decoded images held at once; the answerer sorts within a chunk
@@ -62,11 +79,17 @@ def _generate(answerer, questions, problems, max_new_tokens, temperature, batch_
             except LlavaGMError as e:
                 problems.add(q.where, str(e), q.key)
                 continue
+            too_long = prompt_problem(answerer, q.prompt, image is not None)
+            if too_long:
+                problems.add(q.where, too_long, q.key)
+                continue
             part.append(q)
             items.append({"prompt": q.prompt, "image": image})
-        answers = answerer.answer(items, max_new_tokens=max_new_tokens, temperature=temperature,
-                                  batch_size=batch_size, progress=False) if items else []
-        predictions.update((q.key, a.strip()) for q, a in zip(part, answers))
+        answers, bad = answer_checked(answerer, items, max_new_tokens=max_new_tokens, temperature=temperature,
+                                      batch_size=batch_size, progress=False) if items else ([], {})
+        for k, msg in bad.items():  # an image file that does not decode: a problem of its row, like a missing one
+            problems.add(part[k].where, msg, part[k].key)
+        predictions.update((q.key, a.strip()) for q, a in zip(part, answers) if a is not None)
         bar.update(len(questions[s : s + chunk]))
     bar.close()
     problems.check("image")
@@ -112,7 +135,7 @@ def _write(task, loaded, questions, predictions, result, output) -> None:
             files["submission"] = subs
     result["outputs"] = files
     result["info"] = {k: v for k, v in loaded.info.items() if k not in ("header",)}  # submission may add notes
-    out.write_text(json.dumps(result, indent=1, default=str))
+    atomic_write_bytes(out, json.dumps(result, indent=1, default=str).encode())
 
 
 def evaluate(answerer, task: str, data: str, output: Optional[str] = None, limit: Optional[int] = None,
@@ -122,8 +145,7 @@ def evaluate(answerer, task: str, data: str, output: Optional[str] = None, limit
     """Read the benchmark, build the prompts, answer them in batches, score, and (with `output`) write the results."""
     t = get_task(task, options)
     problems = Problems(on_error)
-    loaded = t.load(str(data), split, image_folder, problems)
-    problems.check()
+    loaded = _load(t, data, split, image_folder, problems)
     questions = _limit(loaded.questions, limit)
     if not questions:
         raise LlavaGMError(f"{data}: no questions to evaluate for task {task}")
@@ -155,8 +177,11 @@ def read_answers(t, path: Path, loaded: Loaded, problems: Problems) -> tuple[dic
     from .base import read_jsonl
 
     by_key = {q.key: q for q in loaded.questions}
-    predictions, where_of, counts = {}, {}, Counter()
+    predictions, where_of, counts, repeated = {}, {}, Counter(), set()
     for where, row in read_jsonl(path, problems):
+        if not valid_key(row.get("question_id")):
+            problems.add(where, f"question_id must be a number or a string, not {row.get('question_id')!r}")
+            continue
         key = t.match_answer(row, by_key)
         if key is None:
             if row.get("question_id") in loaded.ignored_keys:
@@ -167,12 +192,15 @@ def read_answers(t, path: Path, loaded: Loaded, problems: Problems) -> tuple[dic
         if not isinstance(row.get("text"), str):
             problems.add(where, "answer row has no text", key)
             continue
-        if key in predictions:
+        if key in where_of:  # two answers to one question: neither is taken (with skip, the question is left out)
             problems.add(where, f"second answer for question {key!r} (first at {where_of[key]})", key)
+            repeated.add(key)
             continue
         predictions[key], where_of[key] = row["text"], where
-        if row.get("model_id"):
+        if isinstance(row.get("model_id"), str) and row["model_id"]:
             counts[f"model_id={row['model_id']}"] += 1
+    for key in repeated:
+        del predictions[key]
     return predictions, dict(counts)
 
 
@@ -186,8 +214,7 @@ def score(task: str, data: str, answers: str, output: Optional[str] = None, *, s
     if not path.is_file():
         raise LlavaGMError(f"answer file not found: {path}")
     problems = Problems(on_error, check_images=False)
-    loaded = t.load(str(data), split, image_folder, problems)
-    problems.check()
+    loaded = _load(t, data, split, image_folder, problems)
     predictions, counts = read_answers(t, path, loaded, problems)
     problems.check("answer file")
     questions = _drop_incomplete(loaded.questions, predictions, problems)
@@ -205,7 +232,7 @@ def score(task: str, data: str, answers: str, output: Optional[str] = None, *, s
         subs = t.submission(loaded, questions, predictions, stem)
         result["outputs"] = {"results": str(out), **({"submission": subs} if subs else {})}
         result["info"] = {k: v for k, v in loaded.info.items() if k != "header"}
-        out.write_text(json.dumps(result, indent=1, default=str))
+        atomic_write_bytes(out, json.dumps(result, indent=1, default=str).encode())
     return result
 
 

@@ -86,6 +86,9 @@ class EasyVQA(Task):
             if not {"question_id", "image", "text"} <= r.keys():
                 problems.add(where, "row lacks question_id, image or text", key)
                 continue
+            if not isinstance(r["text"], str):
+                problems.add(where, f"text must be a string, not {r['text']!r}", key)
+                continue
             if not isinstance(r.get("answer"), str) or not r["answer"].strip():
                 problems.add(where, "question has no answer", key)
                 continue

@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: setup demo demo-full test test-fast bench clean
+.PHONY: setup demo demo-full test test-fast wheel-check bench clean
 
 setup: $(VENV)/.installed
 
@@ -28,6 +28,23 @@ test: setup
 
 test-fast: setup
 	$(PY) -m pytest -m "not offline_backbones"
+
+# The installed package (not the source tree) must work from any folder: build the wheel, install it into a fresh venv
+# (torch first, pinned: an unpinned one pulls a multi-GB CUDA build), run commands that need a shipped recipe elsewhere.
+WHEEL_DIR := build/wheel-check
+wheel-check: setup
+	rm -rf $(WHEEL_DIR) && mkdir -p $(WHEEL_DIR)/elsewhere
+	$(PIP) wheel -q --no-deps --no-build-isolation -w $(WHEEL_DIR) .
+	python3 -m venv $(WHEEL_DIR)/venv
+	$(WHEEL_DIR)/venv/bin/python -m pip install -q torch==2.13.0
+	$(WHEEL_DIR)/venv/bin/python -m pip install -q $(WHEEL_DIR)/llava_gm-*.whl
+	cd $(WHEEL_DIR)/elsewhere && ../venv/bin/llava-gm recipes offline-default > recipe.txt \
+	  && head -1 recipe.txt | grep -q "/site-packages/llava_gm/recipes/offline-default.yaml" \
+	  && ../venv/bin/llava-gm recipes | grep -qx llava-gm-2b \
+	  && ! ../venv/bin/llava-gm train --output out 2> train.err \
+	  && grep -q "runs/data/easy-vqa/align.json not found.*llava-gm prepare-data" train.err \
+	  && echo "wheel check: the installed llava-gm finds its recipes from $$(pwd)" \
+	  || { echo "wheel check failed:"; cat recipe.txt train.err 2>/dev/null; exit 1; }
 
 clean:
 	rm -rf runs .pytest_cache

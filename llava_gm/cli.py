@@ -221,7 +221,8 @@ def _add_demo(sub):
     p.add_argument("--output", default="runs/demo")
     p.add_argument("--full", action="store_true", help="train on all data for the best numbers (slower)")
     p.add_argument("--no-stage3", action="store_true", help="stop after stage 2 (no MoE / EVF variants)")
-    p.set_defaults(func=lambda a: __import__("llava_gm.demo", fromlist=["x"]).run_demo(a.output, full=a.full, stage3=not a.no_stage3))
+    p.add_argument("--seed", type=int, default=0, help="seed of every stage (bench/demo_seeds.py compares seeds)")
+    p.set_defaults(func=lambda a: __import__("llava_gm.demo", fromlist=["x"]).run_demo(a.output, full=a.full, stage3=not a.no_stage3, seed=a.seed))
 
 
 def _add_export(sub):

@@ -243,7 +243,7 @@ def _add_explain(sub):
     p.add_argument("--question", required=True)
     p.add_argument("--output", required=True, help="PNG to write")
     p.add_argument("--tokens", default="first", help="answer tokens to explain: first (as LLaVA-Gemma), all, or an index")
-    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--max-new-tokens", type=int, default=128)
     p.set_defaults(func=cmd_explain)
 
 
@@ -274,7 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_answer(sub)
     _add_export(sub)
     _add_explain(sub)
-    for module in ("llava_gm.eval.cli", "llava_gm.analysis.cli"):
+    for module in ("llava_gm.eval.cli", "llava_gm.analysis.cli", "llava_gm.serve.cli"):
         try:
             __import__(module, fromlist=["add_commands"]).add_commands(sub)
         except ImportError as e:

@@ -48,3 +48,13 @@ def tiny_checkpoint(tmp_path_factory, tiny_model_config, shapes_data):
     s1 = run_stage(StageConfig(name="align", data=str(shapes_data), lr=1e-3, batch_size=8), out / "align", model_cfg=tiny_model_config, progress=False, say=lambda m: None)
     s2 = run_stage(StageConfig(name="instruct", data=str(shapes_data), lr=1e-3, batch_size=8), out / "instruct", init=s1["checkpoint"], progress=False, say=lambda m: None)
     return s2["checkpoint"]
+
+
+@pytest.fixture(scope="session")
+def random_checkpoint(tmp_path_factory, tiny_model_config):
+    """An untrained tiny model saved as a checkpoint: its answers are long (a trained tiny model ends at once)."""
+    from llava_gm.model.build import build_model, save_checkpoint
+
+    model = build_model(tiny_model_config)
+    model.trained_keys = {n for n, _ in model.named_parameters() if not n.startswith("vision_tower.")}
+    return str(save_checkpoint(model, tmp_path_factory.mktemp("random") / "random-ckpt"))

@@ -1,0 +1,141 @@
+"""Continuous batching: one thread owns the engine and runs it step by step; requests wait in a bounded queue.
+
+Between two decode steps the thread takes the requests that arrived (up to `max_batch` rows in all), prefills
+them as one batch and joins them to the running one, so a new request starts at the next step rather than after
+the running answers end (the engine's rows are independent: joining changes no answer). A finished or
+cancelled row leaves at the step that finishes it. With `batching=False` one request runs at a time (the
+baseline bench/serve_load.py compares against).
+
+Each request's events reach its handler on the event loop: ("text", piece), then ("done", sequence) or
+("error", ApiError).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Optional
+
+from ..engine.core import Batch, Sequence
+from .schema import ApiError
+
+
+class QueueFull(Exception):
+    pass
+
+
+@dataclass(eq=False)
+class Job:
+    seq: Sequence
+    image: Optional[object]  # PIL image, encoded by the vision tower on the engine thread
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+
+    def emit(self, kind: str, value=None) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
+        except RuntimeError:  # the event loop has closed (server shutting down): nobody listens
+            pass
+
+
+class Scheduler:
+    def __init__(self, answerer, max_batch: int = 16, max_queue: int = 64, batching: bool = True):
+        self.answerer = answerer
+        self.engine = answerer.engine
+        self.engine.trace_experts = bool(answerer.model.sparse_layers)  # the page shows them; cheap hooks per step
+        self.max_batch = max_batch if batching else 1
+        self.max_queue = max_queue
+        self.pending: deque[Job] = deque()
+        self.jobs: dict[Sequence, Job] = {}  # running rows -> their requests
+        self.running: Optional[Batch] = None
+        self.cond = threading.Condition()
+        self.stopping = False
+        self.thread = threading.Thread(target=self._loop, name="llava-gm-engine", daemon=True)
+
+    def start(self) -> "Scheduler":
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        with self.cond:
+            self.stopping = True
+            self.cond.notify()
+        self.thread.join(timeout=10)
+
+    # ---- called from the event loop ------------------------------------------------------------
+    def submit(self, job: Job) -> None:
+        with self.cond:
+            if len(self.pending) >= self.max_queue:
+                raise QueueFull()
+            self.pending.append(job)
+            self.cond.notify()
+
+    def cancel(self, job: Job) -> None:
+        """The client is gone: a waiting request leaves the queue now, a running one at the next step."""
+        job.seq.cancelled = True
+        with self.cond:
+            if job in self.pending:
+                self.pending.remove(job)
+
+    def load(self) -> dict:
+        return {"running": len(self.jobs), "queued": len(self.pending), "max_batch": self.max_batch, "max_queue": self.max_queue}
+
+    # ---- the engine thread ---------------------------------------------------------------------
+    def _admit(self) -> list[Job]:
+        with self.cond:
+            while self.running is None and not self.pending and not self.stopping:
+                self.cond.wait()
+            room = self.max_batch - len(self.jobs)
+            return [self.pending.popleft() for _ in range(min(room, len(self.pending)))]
+
+    def _loop(self) -> None:
+        while not self.stopping:
+            new = [job for job in self._admit() if not job.seq.cancelled]
+            if new:
+                self._prefill(new)
+            if self.running is not None:
+                self._step()
+
+    def _fail(self, jobs: list[Job], e: Exception) -> None:
+        error = e if isinstance(e, ApiError) else ApiError(500, f"generation failed: {type(e).__name__}: {e}", None, "engine_error")
+        for job in jobs:
+            job.emit("error", error)
+            self.jobs.pop(job.seq, None)
+
+    def _prefill(self, jobs: list[Job]) -> None:
+        try:
+            for job in jobs:
+                if job.image is not None:
+                    job.seq.image = self.answerer.image_features([job.image])[0]
+                    job.image = None
+            batch = self.engine.prefill([job.seq for job in jobs])
+        except Exception as e:  # a bad request slipped through the checks: it fails, the others go on
+            self._fail(jobs, e)
+            return
+        self.jobs.update((job.seq, job) for job in jobs)
+        try:
+            self.running = self.engine.join(self.running, batch)
+        except Exception as e:
+            self._fail(list(self.jobs.values()), e)
+            self.running = None
+
+    def _step(self) -> None:
+        seqs = self.running.seqs
+        try:
+            self.running = self.engine.step(self.running)
+        except Exception as e:  # nothing of this batch can go on
+            self._fail([self.jobs[s] for s in seqs if s in self.jobs], e)
+            self.running = None
+            return
+        for seq in seqs:
+            job = self.jobs.get(seq)
+            if job is None:
+                continue
+            piece = seq.take_text()
+            if piece:
+                job.emit("text", piece)
+            if seq.finish_reason:
+                job.emit("done", seq)
+                del self.jobs[seq]

@@ -11,7 +11,7 @@ import resource
 import sys
 import time
 
-from llava_gm.config import ModelConfig, StageConfig, from_dict
+from llava_gm.config import ModelConfig, SparseConfig, StageConfig, from_dict
 from llava_gm.errors import LlavaGMError
 from llava_gm.train.run import run_stage
 
@@ -32,6 +32,8 @@ def main(job_file: str) -> int:
         checkpoint.StepCheckpoints.save = slow_save
     stage = from_dict(StageConfig, job.pop("stage"))
     model = from_dict(ModelConfig, job.pop("model")) if "model" in job else None
+    if "sparse" in job:
+        job["sparse"] = from_dict(SparseConfig, job["sparse"])
     try:
         r = run_stage(stage, job.pop("output"), model_cfg=model, progress=False, say=lambda m: None, **job)
     except LlavaGMError as e:

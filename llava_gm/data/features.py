@@ -43,6 +43,8 @@ def image_key(path: Path) -> str:
 class ShardReader:
     """Reads cached features a batch at a time from memory-mapped shards; small to send to DataLoader workers."""
 
+    max_open = 64
+
     def __init__(self, index: dict):
         self.index = index  # image key -> shard path
         self._handles, self._pid = {}, os.getpid()
@@ -57,9 +59,11 @@ class ShardReader:
         out = []
         for k in keys:
             shard = self.index[k]
-            if shard not in self._handles:
-                self._handles[shard] = safe_open(str(shard), "pt")
-            out.append(self._handles[shard].get_tensor(k))
+            handle = self._handles.pop(shard, None) or safe_open(str(shard), "pt")
+            self._handles[shard] = handle  # most recently used last
+            if len(self._handles) > self.max_open:  # a big cache has thousands of shards: bound the open files
+                del self._handles[next(iter(self._handles))]
+            out.append(handle.get_tensor(k))
         return torch.stack(out)
 
 
@@ -107,8 +111,8 @@ class FeatureCache:
         keys, failed = self.prepare(paths, batch_size, progress)
         return {p: f for p, f in zip(keys, self.read(list(keys.values())))} if keys else {}, failed
 
-    def _compute(self, paths, keys, failed, batch_size, progress, shard_size: int = 2048):
-        new = {}
+    def _compute(self, paths, keys, failed, batch_size, progress, shard_images: int = 1024, shard_bytes: int = 256 << 20):
+        new, size = {}, 0
         bar = tqdm(total=len(paths), desc=f"vision features ({self.tower.cache_name})", unit="img", disable=not progress)
         for i in range(0, len(paths), batch_size):
             chunk, images = [], []
@@ -122,10 +126,11 @@ class FeatureCache:
                 feats = encode_images(self.tower, images)
                 for p, f in zip(chunk, feats):
                     new[keys[p]] = f.to(self.dtype).contiguous()
+                    size += new[keys[p]].nbytes
             bar.update(len(paths[i : i + batch_size]))
-            if len(new) >= shard_size:  # bounded memory: a shard at a time, however many images
+            if len(new) >= shard_images or size >= shard_bytes:  # bounded memory: a shard at a time, however many images
                 self._write_shard(new)
-                new = {}
+                new, size = {}, 0
         bar.close()
         if new:
             self._write_shard(new)

@@ -47,9 +47,8 @@ def cmd_train(a):
 
     from .config import RecipeConfig, check_ranges, load_yaml
     from .recipes import resolve
-    from .train.run import run_stage
 
-    _positive(a, "max_samples", "epochs", "lr", "batch_size", "grad_accum")
+    _positive(a, "max_samples", "epochs", "lr", "batch_size", "grad_accum")  # before anything is read or imported
     a.recipe = resolve(a.recipe)
     recipe = load_yaml(RecipeConfig, a.recipe)
     stages = [s for s in recipe.stages if (a.stage is None or s.name == a.stage) and not (a.skip_align and s.name == "align")]
@@ -71,6 +70,8 @@ def cmd_train(a):
         if stage.data and not Path(stage.data).is_file():
             raise LlavaGMError(f"stage {stage.name}: data file {stage.data} not found (relative to {Path.cwd()}); pass --data, "
                                "or build easy-VQA for the offline recipe here with `llava-gm prepare-data --output runs/data/easy-vqa`")
+    from .train.run import run_stage
+
     for stage in stages:
         result = run_stage(stage, Path(a.output) / stage.name, model_cfg=base_cfg, init=init, sparse=sparse, resume=a.resume,
                            save_every=a.save_every, keep_last=a.keep_last, features=a.features, workers=a.workers,

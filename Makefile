@@ -23,8 +23,13 @@ demo: setup
 demo-full: setup
 	$(VENV)/bin/llava-gm demo --full --output runs/demo-full
 
-test: setup
+test: setup chromium
 	$(PY) -m pytest
+
+# the web page test drives Debian's chromium (Playwright, executable_path); installed only when missing
+chromium:
+	@command -v chromium >/dev/null || { $$(command -v sudo >/dev/null && [ "$$(id -u)" != 0 ] && echo sudo) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $$(command -v sudo >/dev/null && [ "$$(id -u)" != 0 ] && echo sudo) apt-get install -y -qq chromium; }
 
 test-fast: setup
 	$(PY) -m pytest -m "not offline_backbones"

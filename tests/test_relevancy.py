@@ -86,16 +86,21 @@ def test_the_planted_image_token_is_the_relevant_one(planted, k):
 
 
 @pytest.fixture(scope="module")
-def answerer(tiny_checkpoint):
+def answerer(tiny_model_config):
+    """An untrained tiny model: it answers in several tokens (the trained tiny checkpoint answers with an empty string)."""
     with pytest.MonkeyPatch.context() as mp:  # the tower is prepared for the precision of its creation
         mp.setenv("LLAVA_GM_PRECISION", "fp32")
-        yield Answerer.from_checkpoint(tiny_checkpoint, dtype=torch.float32)
+        torch.manual_seed(0)
+        yield Answerer(build_model(tiny_model_config), dtype=torch.float32)
 
 
 def test_map_invariants_and_the_answer_is_the_answerers(answerer):
     image = tiny.draw_shape("green", "triangle", size=40).crop((0, 0, 40, 26))  # not square: H x W of the input
     answer, rel = relevancy_map(answerer, image, QUESTION, max_new_tokens=4)
-    assert answer == answerer.answer([{"prompt": QUESTION, "image": image}], max_new_tokens=4, progress=False)[0]
+    assert answer and answer == answerer.answer([{"prompt": QUESTION, "image": image}], max_new_tokens=4, progress=False)[0]
+    # a bare model answers greedily in the explained pass itself: the same answer as the Answerer's engine
+    bare = explain(answerer.model, image, QUESTION, max_new_tokens=4)
+    assert bare.answer == answer and bare.relevance.shape == rel.shape
     assert rel.shape == (26, 40) and rel.dtype == np.float32 and np.isfinite(rel).all()
     assert rel.min() >= 0 and (rel.max() == 1 or rel.max() == 0)
     e = explain(answerer, image, QUESTION, max_new_tokens=4, tokens="all")

@@ -24,7 +24,6 @@ from typing import Optional, Union
 
 import numpy as np
 import torch
-from PIL import Image
 
 from ..data.conversation import IMAGE_TOKEN_ID, ConversationEncoder
 from ..errors import LlavaGMError
@@ -85,11 +84,13 @@ def _forward(model, ids: list[int], feats: torch.Tensor, attentions: bool):
     return out
 
 
-def explain_features(model_or_answerer, question: str, image_features: torch.Tensor, max_new_tokens: int = 16,
-                     tokens: Union[str, int] = "first") -> tuple[str, list[int], list[int], np.ndarray, Optional[list[str]]]:
+def explain_features(model_or_answerer, question: str, image_features: torch.Tensor, max_new_tokens: int = 128,
+                     tokens: Union[str, int] = "first", answer: Optional[str] = None
+                     ) -> tuple[str, list[int], list[int], np.ndarray, Optional[list[str]]]:
     """(answer, answer ids, explained indices, relevance of each image token, words) for one image's features [N, D].
 
-    The answer is greedy, from the same forward pass that is explained (full recomputation each step, no cache)."""
+    `answer` (text) is explained as given, token by token (teacher-forced); without it the answer is greedy, from
+    the very forward pass that is explained (recomputed whole at each step: no cache)."""
     from ..backbones.language import stop_token_ids
 
     model = _unwrap(model_or_answerer)
@@ -99,33 +100,36 @@ def explain_features(model_or_answerer, question: str, image_features: torch.Ten
     prompt = ConversationEncoder(model.tokenizer, model.num_image_tokens, 10**9).encode_prompt([{"role": "user", "content": text}])
     if prompt.count(IMAGE_TOKEN_ID) != model.num_image_tokens:
         raise LlavaGMError("a relevancy map explains one image: the question may hold at most one <image>")
-    stops = set(stop_token_ids(model.lm, model.tokenizer))
-    answer: list[int] = []
-    with torch.no_grad():
-        for _ in range(max_new_tokens):
-            h = _forward(model, prompt + answer, feats, attentions=False).last_hidden_state[0, -1]
-            nxt = int(model.logits_from_hidden(h).float().argmax())
-            if nxt in stops:
-                break
-            answer.append(nxt)
-    text_answer = model.tokenizer.decode(answer, skip_special_tokens=True).strip()
+    if answer is not None:
+        answer_ids = model.tokenizer.encode(answer, add_special_tokens=False) if answer else []
+    else:
+        stops = set(stop_token_ids(model.lm, model.tokenizer))
+        answer_ids = []
+        with torch.no_grad():
+            for _ in range(max_new_tokens):
+                h = _forward(model, prompt + answer_ids, feats, attentions=False).last_hidden_state[0, -1]
+                nxt = int(model.logits_from_hidden(h).float().argmax())
+                if nxt in stops:
+                    break
+                answer_ids.append(nxt)
+        answer = model.tokenizer.decode(answer_ids, skip_special_tokens=True).strip()
     words = None
     if model.cfg.projector.word_tokens:  # the word each image token became (the straight-through forward's choice)
         with torch.no_grad():
             model.embed(torch.tensor([prompt], device=device), feats)
             chosen = model._word_probs[0].argmax(-1).tolist()
         words = [model.tokenizer.decode([model.cfg.projector.word_ids[c]]).strip() for c in chosen]
-    if not answer:
-        return text_answer, answer, [], np.zeros(model.num_image_tokens, dtype=np.float32), words
+    if not answer_ids:
+        return answer, answer_ids, [], np.zeros(model.num_image_tokens, dtype=np.float32), words
     if tokens == "first":
         explained = [0]
     elif tokens == "all":
-        explained = list(range(len(answer)))
-    elif isinstance(tokens, int) and -len(answer) <= tokens < len(answer):
-        explained = [tokens % len(answer)]
+        explained = list(range(len(answer_ids)))
+    elif isinstance(tokens, int) and -len(answer_ids) <= tokens < len(answer_ids):
+        explained = [tokens % len(answer_ids)]
     else:
-        raise LlavaGMError(f"tokens={tokens!r}: use 'first', 'all' or an answer token index below {len(answer)}")
-    ids = prompt + answer[: max(explained)]  # the last explained token is predicted, not read
+        raise LlavaGMError(f"tokens={tokens!r}: use 'first', 'all' or an answer token index below {len(answer_ids)}")
+    ids = prompt + answer_ids[: max(explained)]  # the last explained token is predicted, not read
     slots = [i for i, t in enumerate(prompt) if t == IMAGE_TOKEN_ID]
     with torch.enable_grad(), _eager_attention(model.lm):
         out = _forward(model, ids, feats, attentions=True)
@@ -135,11 +139,11 @@ def explain_features(model_or_answerer, question: str, image_features: torch.Ten
         total = np.zeros(len(slots), dtype=np.float64)
         for k in explained:
             pos = len(prompt) + k - 1
-            logit = model.logits_from_hidden(out.last_hidden_state[0, pos])[answer[k]]
+            logit = model.logits_from_hidden(out.last_hidden_state[0, pos])[answer_ids[k]]
             grads = torch.autograd.grad(logit, attn, retain_graph=k != explained[-1])
             rel = chefer_relevance([a[0].detach() for a in attn], [g[0] for g in grads])
             total += rel[pos, slots].double().cpu().numpy()
-    return text_answer, answer, explained, (total / len(explained)).astype(np.float32), words
+    return answer, answer_ids, explained, (total / len(explained)).astype(np.float32), words
 
 
 def token_grid(model) -> tuple[int, int, int, int]:
@@ -197,8 +201,9 @@ def paint(values: np.ndarray, grid: int, step: int, side: int, box, width: int, 
     return out
 
 
-def explain(model_or_answerer, image, question: str, max_new_tokens: int = 16, tokens: Union[str, int] = "first") -> Explanation:
-    """Answer `question` about `image` (a path, bytes or PIL image) greedily and explain the answer on the image."""
+def explain(model_or_answerer, image, question: str, max_new_tokens: int = 128, tokens: Union[str, int] = "first") -> Explanation:
+    """Answer `question` about `image` (a path, bytes or PIL image) and explain the answer on the image: an Answerer's
+    answer (what `llava-gm ask` prints), or for a bare LlavaGM the greedy answer of the explained forward pass."""
     from ..data.features import encode_images
     from ..images import load_image
 
@@ -207,7 +212,10 @@ def explain(model_or_answerer, image, question: str, max_new_tokens: int = 16, t
         raise LlavaGMError("relevancy maps need the model's vision tower (load the model with llava_gm.load or Answerer)")
     image = load_image(image)
     feats = encode_images(model.vision_tower, [image])[0]
-    answer, ids, explained, rel, words = explain_features(model, question, feats, max_new_tokens, tokens)
+    answer = None
+    if model_or_answerer is not model:  # an Answerer: explain its answer, the one `llava-gm ask` prints
+        answer = model_or_answerer.answer([{"prompt": question, "image": image}], max_new_tokens=max_new_tokens, progress=False)[0]
+    answer, ids, explained, rel, words = explain_features(model, question, feats, max_new_tokens, tokens, answer)
     prefix, grid, step, side = token_grid(model)
     box = view_box(model.vision_tower, *image.size)
     spatial = rel[prefix:]

@@ -136,6 +136,24 @@ def test_every_task_refuses_repeated_ids(tmp_path, task):
         score(task, data, str(answers)) if task != "lang_mc" else evaluate(None, task, data, progress=False)
 
 
+def test_repeated_annotation_or_ocr_rows_are_named(tmp_path):
+    paths = samples.write_samples(tmp_path)
+    answers = tmp_path / "a.jsonl"
+    answers.write_text("")
+    f = Path(paths["vqav2"]) / "v2_mscoco_val2014_annotations.json"
+    d = json.loads(f.read_text())
+    d["annotations"].append({**d["annotations"][0], "answers": [{"answer": "7"}] * 10})  # a second truth for question 10
+    f.write_text(json.dumps(d))
+    with pytest.raises(LlavaGMError, match=r"annotations.json: question_id 10 appears twice \(entries 0 and 3\)"):
+        score("vqav2", paths["vqav2"], str(answers))
+    f = Path(paths["textvqa"]) / "TextVQA_Rosetta_OCR_v0.2_val.json"
+    d = json.loads(f.read_text())
+    d["data"].append({"image_id": "aa01", "ocr_tokens": ["other"]})
+    f.write_text(json.dumps(d))
+    with pytest.raises(LlavaGMError, match="image_id 'aa01' appears twice"):
+        score("textvqa", paths["textvqa"], str(answers))
+
+
 # ---- 3. two writers of one output -----------------------------------------------------------------------------
 
 

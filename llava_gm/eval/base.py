@@ -160,6 +160,22 @@ def json_part(obj: Any, key: Optional[str], path: Path, kind: type = list) -> An
     return value
 
 
+def index_by(rows: list, key: str, path: Path) -> dict:
+    """{row[key]: row} for a list of JSON objects (annotations, OCR tokens). A key that repeats is an error: a plain
+    dict would keep the last row silently and score questions against it."""
+    out, first = {}, {}
+    for n, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise LlavaGMError(f"{path}: entry {n} is not a JSON object; is this the benchmark's official file?")
+        k = row.get(key)
+        if isinstance(k, (list, dict)):
+            raise LlavaGMError(f"{path}: entry {n}: {key} must be a number or a string, not {k!r}")
+        if k in out:
+            raise LlavaGMError(f"{path}: {key} {k!r} appears twice (entries {first[k]} and {n}); each must be unique")
+        out[k], first[k] = row, n
+    return out
+
+
 def read_jsonl(path: Path, problems: Problems) -> Iterator[tuple[str, dict]]:
     """(where, row) for each non-empty line; malformed lines become problems."""
     with open(path, "rb") as f:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Optional
 
 from ...errors import LlavaGMError
-from ..base import SHORT_ANSWER, Loaded, Problems, Question, Task, image_file, json_part, need_file, pct, pick_root, read_json
+from ..base import SHORT_ANSWER, Loaded, Problems, Question, Task, image_file, index_by, json_part, need_file, pct, pick_root, read_json
 from ..normalize import TEXTVQA_SCORER, textvqa_accuracy
 
 
@@ -54,7 +54,7 @@ class TextVQA(Task):
             if not ofile.is_file():
                 raise LlavaGMError(f"OCR tokens file {ofile} not found (download it, or run with --option ocr=false "
                                    "for the prompt without OCR tokens)")
-            ocr = {d.get("image_id"): d.get("ocr_tokens", []) for d in json_part(read_json(ofile), "data", ofile)}
+            ocr = {k: d.get("ocr_tokens", []) for k, d in index_by(json_part(read_json(ofile), "data", ofile), "image_id", ofile).items()}
             files.append(str(ofile))
         use_ocr = bool(files[1:])
         images = Path(image_folder).expanduser() if image_folder else root / "train_images"  # val images ship there

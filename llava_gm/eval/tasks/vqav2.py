@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 from typing import Optional
 
-from ..base import SHORT_ANSWER, Loaded, Problems, Question, Task, image_file, json_part, need_file, pct, read_json
+from ..base import SHORT_ANSWER, Loaded, Problems, Question, Task, image_file, index_by, json_part, need_file, pct, read_json
 from ..normalize import DEFAULT_VQA_SCORER, evalai_answer, vqa_scorer
 from ...errors import LlavaGMError
 
@@ -58,7 +58,7 @@ class VQAv2(Task):
         afile = root / ANNOTATIONS.format(split=split)
         annotations = {}
         if afile.is_file():
-            annotations = {a.get("question_id"): a for a in json_part(read_json(afile), "annotations", afile)}
+            annotations = index_by(json_part(read_json(afile), "annotations", afile), "question_id", afile)
         images = Path(image_folder).expanduser() if image_folder else root / IMAGE_DIR[split]
         questions = []
         for n, q in enumerate(json_part(read_json(qfile), "questions", qfile)):

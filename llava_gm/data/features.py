@@ -72,7 +72,9 @@ class FeatureCache:
         self.tower = tower
         device = next(tower.parameters()).device
         # features computed under bf16 autocast differ slightly from fp32 ones: never mix them
-        self.root = Path(root or cache_dir() / "features") / f"{tower.cache_name}-{'bf16' if use_bf16(device) else 'fp32'}"
+        # "-img2": images decoded by llava_gm.images (16-bit scaled, transparency on white); features cached from the
+        # older decoding (clipped, black behind transparency) are keyed by the same file bytes and must not be reused
+        self.root = Path(root or cache_dir() / "features") / f"{tower.cache_name}-{'bf16' if use_bf16(device) else 'fp32'}-img2"
         self.root.mkdir(parents=True, exist_ok=True)
         self.dtype = dtype
         self._index = {}  # image key -> shard path

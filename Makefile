@@ -35,14 +35,15 @@ test-fast: setup
 	$(PY) -m pytest -m "not offline_backbones"
 
 # The installed package (not the source tree) must work from any folder: build the wheel, install it into a fresh venv
-# (torch first, pinned: an unpinned one pulls a multi-GB CUDA build), run commands that need a shipped recipe elsewhere.
+# (torch first, pinned: an unpinned one pulls a multi-GB CUDA build; --no-compile skips byte-compiling thousands of
+# files that one command never imports), run commands that need a shipped recipe elsewhere.
 WHEEL_DIR := build/wheel-check
 wheel-check: setup
 	rm -rf $(WHEEL_DIR) && mkdir -p $(WHEEL_DIR)/elsewhere
 	$(PIP) wheel -q --no-deps --no-build-isolation -w $(WHEEL_DIR) .
 	python3 -m venv $(WHEEL_DIR)/venv
-	$(WHEEL_DIR)/venv/bin/python -m pip install -q torch==2.13.0
-	$(WHEEL_DIR)/venv/bin/python -m pip install -q $(WHEEL_DIR)/llava_gm-*.whl
+	$(WHEEL_DIR)/venv/bin/python -m pip install -q --no-compile torch==2.13.0
+	$(WHEEL_DIR)/venv/bin/python -m pip install -q --no-compile $(WHEEL_DIR)/llava_gm-*.whl
 	cd $(WHEEL_DIR)/elsewhere && ../venv/bin/llava-gm recipes offline-default > recipe.txt \
 	  && head -1 recipe.txt | grep -q "/site-packages/llava_gm/recipes/offline-default.yaml" \
 	  && ../venv/bin/llava-gm recipes | grep -qx llava-gm-2b \

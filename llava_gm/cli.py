@@ -275,7 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_answer(sub)
     _add_export(sub)
     _add_explain(sub)
-    for module in ("llava_gm.eval.cli", "llava_gm.analysis.cli", "llava_gm.serve.cli"):
+    for module in ("llava_gm.eval.cli", "llava_gm.analysis.cli", "llava_gm.serve.cli",
+                   "llava_gm.data.check", "llava_gm.analysis.plan"):
         try:
             __import__(module, fromlist=["add_commands"]).add_commands(sub)
         except ImportError as e:

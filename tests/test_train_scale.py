@@ -210,3 +210,14 @@ def test_an_error_on_one_rank_ends_every_rank_with_its_message(tmp_path, tiny_mo
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(CHILD), str(tmp_path / "e.json")]
     done = subprocess.run(cmd, env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
     assert done.returncode != 0 and "missing.json: data file not found" in done.stderr
+
+
+def test_online_features_in_workers_train_like_cached_ones(tmp_path, tiny_model_config, shapes_data):
+    """The tower run inside the step on pixels decoded by a DataLoader worker gives the cached features' losses."""
+    stage = StageConfig(name="align", data=str(shapes_data), batch_size=8, epochs=1, lr=1e-2)
+    cached = run_stage(stage, tmp_path / "c", model_cfg=tiny_model_config, features="cache", **QUIET)
+    online = run_stage(stage, tmp_path / "o", model_cfg=tiny_model_config, features="online", workers=1, **QUIET)
+    logs = [json.loads((tmp_path / n / "train_log.json").read_text())["steps"] for n in ("c", "o")]
+    assert len(logs[0]) == len(logs[1]) == 3 and cached["samples"] == online["samples"] == 24
+    for a, b in zip(*logs):
+        assert abs(a["lm_loss"] - b["lm_loss"]) < 1e-2 * a["lm_loss"], (a, b)

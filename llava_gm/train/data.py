@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..data.conversation import IGNORE_INDEX
 from ..data.llava_json import Sample
+from ..images import load_image
 
 
 def epoch_batches(lengths: list[int], batch_size: int, seed: int, epoch: int, world: int = 1) -> list[list[int]]:
@@ -78,11 +79,8 @@ class StageDataset(Dataset):
         s = self.samples[i]
         item = {"id": s.id, "input_ids": s.encoded.input_ids, "labels": s.encoded.labels, "image": None}
         if s.image is not None:
-            if self.preprocess is not None:
-                from PIL import Image
-
-                with Image.open(s.image) as im:
-                    item["image"] = self.preprocess([im.convert("RGB")])[0]
+            if self.preprocess is not None:  # online: a bad image stops the run naming its sample (`llava-gm data check` first)
+                item["image"] = self.preprocess([load_image(s.image, f"sample {s.id}")])[0]
             else:
                 item["image"] = self.reader.read([self.keys[s.image]])[0]
         return item

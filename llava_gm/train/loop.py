@@ -17,10 +17,10 @@ from ..data.conversation import IGNORE_INDEX, IMAGE_TOKEN_ID
 from ..data.features import encode_pixels
 from ..data.llava_json import Sample
 from ..errors import LlavaGMError
-from ..precision import use_bf16
 from .checkpoint import StepCheckpoints
 from .data import StageBatches, StageDataset, epoch_batches, make_loader
 from .distributed import Ranks, all_sum, barrier, gather
+from .precision import train_precision
 
 
 @dataclass
@@ -146,7 +146,7 @@ def train_loop(model, stage: StageConfig, dataset: StageDataset, trainable: list
         if state is not None:
             micro, log.steps = _restore(state, params, opt, sched, stage, groups, fingerprint, settings)
     pad_id = model.tokenizer.pad_token_id
-    bf16 = use_bf16(device, stage.precision)
+    policy = train_precision(device, stage.precision)
     sampler = StageBatches(lengths, stage.batch_size, stage.seed, total_steps * stage.grad_accum, micro, ranks.rank, ranks.world)
     loader = make_loader(dataset, sampler, pad_id, settings.workers)
     # a sparse layer's expert may get no token in a step: it still takes part (zero gradient), so every rank
@@ -173,7 +173,7 @@ def train_loop(model, stage: StageConfig, dataset: StageDataset, trainable: list
         last = micro % stage.grad_accum == 0
         sync = contextlib.nullcontext() if last or ranks.world == 1 else net.no_sync()
         with sync:
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            with torch.autocast(device.type, dtype=policy.compute, enabled=policy.autocast):
                 out = net(**inputs, image_features=images, word_loss=stage.word_loss)
             loss, lm = out.loss, out.lm_loss.item()
             if ranks.world > 1:  # the loss of the global batch: each rank's tokens weigh in, as on one process

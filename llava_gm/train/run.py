@@ -19,12 +19,12 @@ from ..data.features import FeatureCache
 from ..data.llava_json import load_samples
 from ..errors import LlavaGMError
 from ..model.build import apply_sparse, build_model, load_checkpoint, save_checkpoint
-from ..precision import use_bf16
 from . import distributed
 from .checkpoint import StepCheckpoints
 from .data import StageDataset
 from .distributed import broadcast
 from .loop import RunSettings, render_sample, train_loop
+from .precision import store, train_precision
 from .stages import describe_plan, plan_stage
 
 
@@ -199,11 +199,7 @@ def _run(stage, output, model_cfg, init, sparse, progress, say, ranks, steps, re
 
     trainable = plan_stage(model, stage)
     say(describe_plan(model, trainable))
-    if use_bf16(device, stage.precision) and device.type == "cpu":
-        # frozen weights that were never trained: keep them in bf16, as autocast would cast them every step anyway
-        for n, p in model.named_parameters():
-            if not p.requires_grad and n not in model.trained_keys and not n.startswith("vision_tower.") and p.is_floating_point():
-                p.data = p.data.to(torch.bfloat16)
+    store(model, train_precision(device, stage.precision))  # frozen weights in the compute dtype, trainable in fp32
 
     if workers is None:  # decoding images is worth worker processes; reading cached features is not
         workers = min(4, max(1, (os.cpu_count() or 2) // max(1, ranks.world) - 1)) if online else 0

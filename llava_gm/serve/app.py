@@ -5,6 +5,7 @@ and the web page at /. Every error is OpenAI's shape with 400 (bad input), 404 (
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import hashlib
 import json
@@ -20,6 +21,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..engine.core import Sampling, Sequence
+from ..errors import LlavaGMError
 from .scheduler import Job, QueueFull, Scheduler
 from .schema import ApiError, ChatRequest, bad, parse_request
 from .sources import ImagePolicy, read_image
@@ -82,6 +84,31 @@ def create_app(answerer, options: Optional[ServerOptions] = None) -> FastAPI:
     async def page():
         html = resources.files("llava_gm.serve").joinpath("static/index.html").read_text()
         return html.replace("{{MODEL_ID}}", json.dumps(model_id)[1:-1].replace("<", "\\u003c"))
+
+    @app.post("/v1/relevancy")
+    async def relevancy(request: Request):
+        """Our extension (the page's "show the relevancy map"): {"image": URL, "question": str} -> {"answer", "png": data URL},
+        the image overlaid with each image token's relevance to the answer (llava_gm/analysis/relevancy.py)."""
+        try:
+            from ..analysis.relevancy import overlay_png, relevancy_map
+        except ImportError:
+            raise ApiError(404, "relevancy maps are not available in this installation", None, "not_found") from None
+        body = await _read_json(request, options.max_body_bytes)
+        if not isinstance(body, dict) or not isinstance(body.get("question"), str) or not body["question"].strip():
+            raise bad("question must be a non-empty string", "question")
+        if not isinstance(body.get("image"), str) or not body["image"]:
+            raise bad("image must be an image URL (a data: URL)", "image")
+        image, _ = await run_in_threadpool(read_image, body["image"], "image", options.policy)
+
+        def work():
+            answer, relevance = relevancy_map(answerer, image, body["question"], max_new_tokens=64)
+            return answer, overlay_png(image, relevance, title=f"{body['question']} -> {answer}")
+
+        try:
+            answer, png = await asyncio.wrap_future(scheduler.run_exclusive(work))
+        except LlavaGMError as e:
+            raise bad(str(e), None) from None
+        return {"answer": answer, "png": "data:image/png;base64," + base64.b64encode(png).decode()}
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):

@@ -13,6 +13,7 @@ Each request's events reach its handler on the event loop: ("text", piece), then
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import threading
 from collections import deque
 from dataclasses import dataclass, field
@@ -52,6 +53,7 @@ class Scheduler:
         self.running: Optional[Batch] = None
         self.cond = threading.Condition()
         self.stopping = False
+        self.tasks: deque = deque()  # (function, future): other model work (relevancy maps), run between steps
         self.thread = threading.Thread(target=self._loop, name="llava-gm-engine", daemon=True)
 
     def start(self) -> "Scheduler":
@@ -72,6 +74,15 @@ class Scheduler:
             self.pending.append(job)
             self.cond.notify()
 
+    def run_exclusive(self, fn) -> concurrent.futures.Future:
+        """Run fn() on the engine thread between two decode steps (it may use the model freely: sparse layers'
+        masks, gradients); its result or exception comes back through the future."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        with self.cond:
+            self.tasks.append((fn, future))
+            self.cond.notify()
+        return future
+
     def cancel(self, job: Job) -> None:
         """The client is gone: a waiting request leaves the queue now, a running one at the next step."""
         job.seq.cancelled = True
@@ -85,13 +96,19 @@ class Scheduler:
     # ---- the engine thread ---------------------------------------------------------------------
     def _admit(self) -> list[Job]:
         with self.cond:
-            while self.running is None and not self.pending and not self.stopping:
+            while self.running is None and not self.pending and not self.tasks and not self.stopping:
                 self.cond.wait()
             room = self.max_batch - len(self.jobs)
             return [self.pending.popleft() for _ in range(min(room, len(self.pending)))]
 
     def _loop(self) -> None:
         while not self.stopping:
+            while self.tasks:
+                fn, future = self.tasks.popleft()
+                try:
+                    future.set_result(fn())
+                except Exception as e:
+                    future.set_exception(e)
             new = [job for job in self._admit() if not job.seq.cancelled]
             if new:
                 self._prefill(new)

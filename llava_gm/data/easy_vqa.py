@@ -134,8 +134,9 @@ def build_easy_vqa(out_dir: str | Path, seed: int = 0, per_conversation: int = 1
     rest), so a model trained on packed turns learns to copy from the conversation instead of looking at the
     image (measured: 48% test accuracy after 400 packed conversations, against single-question training).
     `balance` evens out yes and no in the training questions (see balance_yes_no); the test split stays whole.
-    It is off by default: the test split keeps the wording prior, and in the demo's budget a balanced-trained
-    model does not yet learn to check the image for yes/no (measured: yes/no 49.7% vs 83.1% from the prior).
+    It is off by default here; the demo turns it on (docs/yes-no.md). With continuous image tokens a
+    balanced-trained model did not learn to check the image in the demo's budget (yes/no 49.7% vs 83.1% from the
+    prior); with word tokens it is the way to take the wording shortcut away.
     """
     out_dir = Path(out_dir)
     settings = {"format": 2, "seed": seed, "per_conversation": per_conversation, "balance": balance}

@@ -108,7 +108,8 @@ def hf_llava(model):
     tower, lm = model.vision_tower, model.lm
     tokenizer = copy.deepcopy(model.tokenizer)
     token, token_id = _image_token(tokenizer)
-    if token_id is None:  # a new special token; its id may still fit in the embedding table (tables are often padded)
+    added = token_id is None
+    if added:  # a new special token; its id may still fit in the embedding table (tables are often padded)
         tokenizer.add_special_tokens({"additional_special_tokens": [token]})
         token_id = tokenizer.convert_tokens_to_ids(token)
     text_cfg = lm.config.get_text_config()
@@ -144,7 +145,8 @@ def hf_llava(model):
     gen.pad_token_id = model.tokenizer.pad_token_id
     gen.bos_token_id = model.tokenizer.bos_token_id
     gen.do_sample = False
-    gen.suppress_tokens = [token_id]  # the placeholder is never an answer (our models cannot produce it either)
+    if added:  # a token our model does not have is never an answer (a reused one stays what it was)
+        gen.suppress_tokens = [token_id]
     hf.generation_config = gen
     vision = getattr(tower.model.config, "vision_config", tower.model.config)
     processor = LlavaProcessor(image_processor=_image_processor(tower), tokenizer=tokenizer, patch_size=vision.patch_size,

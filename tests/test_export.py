@@ -12,7 +12,7 @@ from llava_gm.data.conversation import IMAGE_TOKEN_ID, ConversationEncoder
 from llava_gm.errors import LlavaGMError
 from llava_gm.export import export_hf, export_llava_gm, hf_export_problem, to_hf_llava
 from llava_gm.infer import Answerer
-from llava_gm.model.build import apply_sparse, build_model
+from llava_gm.model.build import build_model
 
 import tiny
 
@@ -138,3 +138,22 @@ def test_export_command(tmp_path, tiny_checkpoint, shapes_data, capsys):
     assert main(["export", "--checkpoint", str(out), "--format", "hf", "--output", str(tmp_path / "again")]) == 0
     with pytest.raises(LlavaGMError, match="no such model folder"):
         llava_gm.load(tmp_path / "nothing")
+
+
+@pytest.mark.offline_backbones
+def test_hf_export_of_the_offline_backbones(tmp_path):
+    """Gemma 3 270M + DINOv2-S/14 at 112 px (the offline default without pooling and word tokens, random projector):
+    `<start_of_image>` is the reused image token, and the processor, logits and greedy answer equal ours."""
+    from llava_gm.config import RecipeConfig, load_yaml
+
+    from test_offline_backbones import _user_cache
+
+    recipe = load_yaml(RecipeConfig, "recipes/offline-default.yaml")
+    cfg = dataclasses.replace(recipe.model, projector=dataclasses.replace(recipe.model.projector, pool=1, word_tokens=False),
+                              sparse=SparseConfig(kind="none"))
+    with _user_cache():
+        torch.manual_seed(0)
+        model = build_model(cfg).eval()
+    export_hf(model, tmp_path / "hf")
+    assert to_hf_llava(model).config.image_token_id == model.tokenizer.convert_tokens_to_ids("<start_of_image>")
+    _check_hf_folder(model, tmp_path / "hf", tiny.draw_shape("red", "circle", size=64))

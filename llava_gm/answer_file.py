@@ -148,7 +148,10 @@ def locked_output(path: Path, resume: bool = False, overwrite: bool = False, wha
         raise LlavaGMError("--resume and --overwrite exclude each other")
     path.parent.mkdir(parents=True, exist_ok=True)
     existed = path.exists()
-    f = open(path, "a+", encoding="utf-8")
+    try:
+        f = open(path, "a+", encoding="utf-8")
+    except OSError as e:  # a folder, no permission, a full disk ...
+        raise LlavaGMError(f"{path}: cannot write the {what} here ({e.strerror or e})") from None
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

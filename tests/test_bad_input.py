@@ -183,6 +183,9 @@ def test_second_answer_process_fails_instead_of_losing_output(tmp_path):
     with pytest.raises(LlavaGMError, match="already exists; pass --resume"):
         with locked_output(out):
             pass
+    with pytest.raises(LlavaGMError, match="cannot write the output here"):
+        with locked_output(tmp_path):
+            pass
 
 
 # ---- 4. checkpoints are checked -------------------------------------------------------------------------------
@@ -204,6 +207,11 @@ def test_damaged_checkpoints_are_named(tmp_path, tiny_checkpoint):
     # another stage's weights (the projector only) beside this config
     save_file({k: v for k, v in state.items() if k.startswith("projector.")}, str(c / "model.safetensors"))
     with pytest.raises(LlavaGMError, match=r"model.safetensors does not match its config.yaml: \d+ weight\(s\) missing, e.g. \['lm\."):
+        load_checkpoint(c)
+    # a diverged run's weights
+    k = next(iter(state))
+    save_file({**state, k: state[k] * float("nan")}, str(c / "model.safetensors"))
+    with pytest.raises(LlavaGMError, match=r"1 weight\(s\) hold NaN or infinite values"):
         load_checkpoint(c)
     # a weight of the wrong shape
     k = next(k for k in state if k.startswith("projector.") and state[k].dim() == 2)

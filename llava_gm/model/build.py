@@ -143,10 +143,13 @@ def check_weights(path: Path, state: dict, params: dict, manifest: Optional[dict
     for k in state:
         if k in params and (state[k].shape != params[k].shape or not state[k].is_floating_point()):
             problems.append(f"{k} is {state[k].dtype} {list(state[k].shape)}, the model needs {list(params[k].shape)} floats")
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:  # a diverged run's weights: answering with them crashes or gives gibberish
+        problems.append(f"{len(bad)} weight(s) hold NaN or infinite values, e.g. {bad[:3]} (the run that wrote them diverged)")
     if problems:
         raise LlavaGMError(f"{where} does not match its config.yaml: " + "; ".join(problems[:4]) +
                            (f" (and {len(problems) - 4} more)" if len(problems) > 4 else "") +
-                           "; was it replaced by another stage's file?")
+                           "; retrain, or restore the checkpoint's own files")
 
 
 def load_checkpoint(path: str | Path, vision_tower=None) -> LlavaGM:

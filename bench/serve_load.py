@@ -3,8 +3,8 @@ off (off = one request at a time: the baseline), in one run. Prints requests per
 time to first token per setting, the errors, and the throughput ratio batching-on / one-at-a-time.
 
 Each client sends `--requests` chat completions one after another (an image as a data URL and a question,
-greedy, `--max-tokens` new tokens). The server runs as its own process (`python -m llava_gm serve`), so the
-clients' Python does not share its cores' time slices with the engine more than on any machine.
+greedy, `--max-tokens` new tokens). Each server runs as its own process (`python -m llava_gm serve`); both are up at once and the two settings are
+measured alternately at each client count, so that a noisy host's drift hits both alike.
 
     .venv/bin/python bench/serve_load.py                      # a tiny random model (built in a temp folder)
     .venv/bin/python bench/serve_load.py --checkpoint runs/demo/instruct
@@ -118,17 +118,21 @@ def main() -> None:
                                                           {"type": "image_url", "image_url": {"url": serve_helpers.data_url()}}]}],
                 "max_tokens": a.max_tokens, "temperature": 0, "stream": True}
         table = {}
-        for batching in (False, True):
-            proc = start_server(checkpoint, a.port, batching, max_batch=max(clients))
-            try:
-                import httpx
+        # both servers up at once, the two settings measured alternately at each client count: a shared, noisy
+        # host drifts between minutes, and the ratio should compare like with like
+        servers = {batching: start_server(checkpoint, a.port + batching, batching, max_batch=max(clients)) for batching in (False, True)}
+        try:
+            import httpx
 
-                url = f"http://127.0.0.1:{a.port}"
-                model = httpx.get(f"{url}/v1/models").json()["data"][0]["id"]
-                asyncio.run(load(url, model, 1, 2, body))  # warm-up
-                for c in clients:
-                    table[(batching, c)] = asyncio.run(load(url, model, c, a.requests, body))
-            finally:
+            urls = {b: f"http://127.0.0.1:{a.port + b}" for b in servers}
+            model = httpx.get(f"{urls[True]}/v1/models").json()["data"][0]["id"]
+            for b in servers:
+                asyncio.run(load(urls[b], model, 1, 2, body))  # warm-up
+            for c in clients:
+                for b in (False, True):
+                    table[(b, c)] = asyncio.run(load(urls[b], model, c, a.requests, body))
+        finally:
+            for proc in servers.values():
                 proc.terminate()
                 proc.wait(timeout=30)
     print(f"# bench/serve_load.py {' '.join(sys.argv[1:])}  ({time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPUs, "

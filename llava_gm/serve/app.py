@@ -87,7 +87,7 @@ def create_app(answerer, options: Optional[ServerOptions] = None) -> FastAPI:
 
     @app.post("/v1/relevancy")
     async def relevancy(request: Request):
-        """Our extension (the page's "show the relevancy map"): {"image": URL, "question": str} -> {"answer", "png": data URL},
+        """Our extension (the page's "show the relevancy map"): {"image": URL, "question": str, "max_tokens"?} -> {"answer", "png"},
         the image overlaid with each image token's relevance to the answer (llava_gm/analysis/relevancy.py)."""
         try:
             from ..analysis.relevancy import overlay_png, relevancy_map
@@ -98,10 +98,13 @@ def create_app(answerer, options: Optional[ServerOptions] = None) -> FastAPI:
             raise bad("question must be a non-empty string", "question")
         if not isinstance(body.get("image"), str) or not body["image"]:
             raise bad("image must be an image URL (a data: URL)", "image")
+        max_tokens = body.get("max_tokens", 64)
+        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or not 1 <= max_tokens <= context:
+            raise bad(f"max_tokens must be an integer from 1 to {context}", "max_tokens")
         image, _ = await run_in_threadpool(read_image, body["image"], "image", options.policy)
 
         def work():
-            answer, relevance = relevancy_map(answerer, image, body["question"], max_new_tokens=64)
+            answer, relevance = relevancy_map(answerer, image, body["question"], max_new_tokens=max_tokens)
             return answer, overlay_png(image, relevance, title=f"{body['question']} -> {answer}")
 
         try:

@@ -58,12 +58,12 @@ def synthetic_batch(model, batch: int, seq_len: int, label_tokens: int, seed: in
 
 
 def prepare_stage(model, stage) -> list[str]:
-    """What run_stage does before its loop: the stage's trainable set; frozen weights stored in bf16."""
+    """What run_stage does before its loop: the stage's trainable set; frozen weights no stage trained stored in bf16."""
     from ..train.stages import plan_stage
 
     trainable = plan_stage(model, stage)
     for n, p in model.named_parameters():
-        if not p.requires_grad and not n.startswith("vision_tower.") and p.is_floating_point():
+        if not p.requires_grad and n not in model.trained_keys and not n.startswith("vision_tower.") and p.is_floating_point():
             p.data = p.data.to(torch.bfloat16)
     return trainable
 

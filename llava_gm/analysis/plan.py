@@ -3,17 +3,18 @@
 The model is built on the `meta` device from the backbones' configs (no weights, no memory), so parameter
 counts are exact; which parameters train in a stage comes from the trainer's own `plan_stage`. Bytes per GPU:
 
-  weights      trainable parameters in fp32 (master copy), frozen ones in bf16 (the compute dtype)
-  compute copy bf16 copies of the trainable matrices while a step runs (autocast caches one per weight;
+  weights      trainable parameters in fp32 (master copy), frozen ones in bf16 (the compute dtype) unless an earlier
+               stage trained them (they stay fp32: the trainer's precision policy, llava_gm/train/precision.py)
+  compute copy bf16 copies of the fp32 matrices while a step runs (autocast casts each once, kept for backward;
                under FSDP: the gathered bf16 parameters of the root module + 2 decoder layers, and one
                layer's fp32 gradient before its reduce-scatter)
-  gradients    4 B per trainable parameter (fp32)
+  gradients    4 B per trainable parameter (fp32); with DDP on N > 1 GPUs 4 B more for its gradient buckets
   optimizer    AdamW: exp_avg + exp_avg_sq, 8 B per trainable parameter
   activations  what autograd keeps for backward, per token: a_layer per decoder layer (below) + the layer
                outputs the head reads, and at the labelled positions the fp32 log-softmax over the vocabulary
                (4 V B held; 12 V B at the head's backward, with its gradient and its input's); with activation checkpointing each layer keeps only its input (residual stream:
                4 d B in fp32 when the embeddings train, else 2 d B) and one layer's activations are rebuilt at a time
-  tower        the frozen vision tower in bf16 on every GPU (`features: online`); nothing with `cache`
+  tower        the frozen vision tower (fp32 storage) on every GPU (`features: online`); nothing with `cache`
 
 a_layer = c_d d + c_q q + c_kv kv + c_i i + c_h h + c_1 + c_hT h T + c_T T bytes per token, with d the hidden size,
 q = heads x head_dim, kv = kv_heads x head_dim, i the FFN width, h the heads and T the sequence length (the T
@@ -173,8 +174,9 @@ class Regime:
     """How a decoder layer runs in a stage: what trains in it and the dtype of the residual stream."""
 
     mode: str  # frozen | train | lora | moe | evf
-    resid_fp32: bool  # the embeddings train (fp32 master weights), so the residual stream is fp32
+    resid_fp32: bool  # the embeddings are stored in fp32 (they train, or an earlier stage trained them)
     lora_rank: int = 0
+    frozen_fp32: bool = False  # frozen weights an earlier stage trained stay fp32 (the trainer's precision policy)
 
 
 def _kv_like(text_config, shape):
@@ -231,8 +233,8 @@ def _saved_per_sample(text_config, shape, regime: Regime, sparse_cfg) -> float:
         trainable = {n for n, _ in lm.named_parameters()}
     for n, p in lm.named_parameters():
         p.requires_grad_(n in trainable)
-        if n not in trainable and p.is_floating_point():
-            p.data = p.data.to(torch.bfloat16)  # frozen weights are stored in the compute dtype
+        if n not in trainable and p.is_floating_point() and not regime.frozen_fp32:
+            p.data = p.data.to(torch.bfloat16)  # frozen weights never trained are stored in the compute dtype
     lm.train()
     layer = decoder_layers(lm)[0]
     params = {p.untyped_storage().data_ptr() for p in lm.parameters()}
@@ -334,14 +336,19 @@ class StagePlan:
     coefficients: dict = field(default_factory=dict)  # per decoder-layer regime
 
 
-def _regime_of(stage: StageConfig) -> Regime:
-    if stage.name == "align":
-        return Regime("frozen", False)
+def _regime_of(stage: StageConfig, emb_fp32: bool, lm_fp32: bool) -> Regime:
+    if stage.name == "instruct" and stage.lora:
+        return Regime("lora", emb_fp32, stage.lora_rank, lm_fp32)
     if stage.name == "instruct":
-        if stage.lora:
-            return Regime("lora", False, stage.lora_rank)
-        return Regime("train", stage.train_embeddings)
-    return Regime("frozen", False)  # sparsify: everything but the sparse layers
+        return Regime("train", stage.train_embeddings or emb_fp32, 0, lm_fp32)
+    return Regime("frozen", emb_fp32, 0, lm_fp32)  # align; sparsify: everything but the sparse layers
+
+
+def _sparse_param_names(lm) -> set[str]:
+    from ..model.sparse import sparse_modules
+
+    ids = {id(m) for m in sparse_modules(lm)}
+    return {f"{prefix}.{n}" for prefix, m in lm.named_modules() if id(m) in ids for n, _ in m.named_parameters()}
 
 
 def _trains(stage: StageConfig, sparse_kind: str) -> str:
@@ -355,7 +362,7 @@ def _trains(stage: StageConfig, sparse_kind: str) -> str:
 class StageModel:
     """The memory model of one stage: fixed parts computed once, activations as a function of the batch."""
 
-    def __init__(self, meta: MetaModel, stage: StageConfig, setup: Setup):
+    def __init__(self, meta: MetaModel, stage: StageConfig, setup: Setup, trained_before: frozenset = frozenset()):
         from ..model.sparse import decoder_layers, sparse_modules
         from ..train.stages import plan_stage
 
@@ -372,17 +379,27 @@ class StageModel:
         self.trainable = sum(params[n].numel() for n in names) + self.lora
         total = sum(p.numel() for p in model.parameters())
         self.frozen = total - (self.trainable - self.lora)
-        # matrices autocast casts to bf16 every step (norm weights are not cast; a tied embedding is, for the head)
+        # the trainer's precision policy: trainable weights fp32; frozen ones in bf16 unless an earlier stage trained
+        # them (they keep the fp32 they were saved in); run_stage counts a new sparse layer as trained when its FFN was
+        lm_trained = any(n.startswith("lm.") for n in trained_before)
+        sparse_names = {f"lm.{n}" for n in _sparse_param_names(model.lm)}
+        fp32 = {n for n in params if n in names or n in trained_before or (lm_trained and n in sparse_names)}
+        self.frozen_fp32 = sum(p.numel() for n, p in params.items() if n in fp32 and n not in names)
+        self.trained_after = set(trained_before) | names | sparse_names
+        if self.lora:  # merged into the LM's linears when the stage ends
+            self.trained_after |= {n for n in params if n.startswith("lm.") and ".layers." in n}
+        # every fp32 matrix used under autocast has a bf16 copy held for backward (a tied embedding too, for the head)
         emb = model.lm.get_input_embeddings().weight
         head = model.lm.get_output_embeddings().weight
-        self.cast = sum(p.numel() for n, p in params.items() if n in names and p.ndim >= 2 and (p is not emb or p is head)) + self.lora
+        self.cast = sum(p.numel() for n, p in params.items() if n in fp32 and p.ndim >= 2 and (p is not emb or p is head)) + self.lora
         layers = decoder_layers(model.lm)
         sparse_idx = {m.layer_idx for m in sparse_modules(model.lm)}
         text = meta.text
-        self.regime = _regime_of(stage)
+        emb_name = next(n for n, p in params.items() if p is emb)
+        self.regime = _regime_of(stage, emb_name in fp32, lm_trained)
         self.layer_regimes = []
         for i in range(len(layers)):
-            r = Regime(model.cfg.sparse.kind, False) if i in sparse_idx else self.regime
+            r = dataclasses.replace(self.regime, mode=model.cfg.sparse.kind) if i in sparse_idx else self.regime
             self.layer_regimes.append(r)
         self.layer_grads = [FP32 * sum(p.numel() for n, p in layers[i].named_parameters(prefix=f"L{i}") if p.requires_grad) for i in range(len(layers))]
         if self.lora:  # adapters on the layers' linears: spread over the layers
@@ -396,8 +413,8 @@ class StageModel:
         self.first_needed = 0 if trains_input else min((i for i, g in enumerate(self.layer_grads) if g), default=len(layers))
         self.layer_sizes = [sum(p.numel() for p in layer.parameters()) for layer in layers]
         self.root_size = total - sum(self.layer_sizes)
-        self.weights = FP32 * (self.trainable - self.lora) + BF16 * self.frozen + FP32 * self.lora
-        self.tower = BF16 * meta.vision_params if setup.features == "online" else 0.0
+        self.weights = FP32 * (self.trainable - self.lora) + FP32 * self.frozen_fp32 + BF16 * (self.frozen - self.frozen_fp32) + FP32 * self.lora
+        self.tower = FP32 * meta.vision_params if setup.features == "online" else 0.0  # the tower keeps its fp32 storage
         self.seq_len = setup.seq_len or model.cfg.language.max_length
         self.image_tokens = model.num_image_tokens
 
@@ -414,6 +431,8 @@ class StageModel:
             out["compute copy"] = BF16 * (self.root_size + 2 * big) + max(self.layer_grads)
         else:
             out["compute copy"] = BF16 * self.cast
+            if n > 1:  # DDP's gradient buckets (gradient_as_bucket_view off, PyTorch's default): a second fp32 copy
+                out["gradients"] += FP32 * self.trainable
         out["tower"] = self.tower
         return out
 
@@ -484,9 +503,11 @@ def plan_recipe(recipe: RecipeConfig, setup: Setup, lm_config=None, vision_confi
     lm_config = lm_config or load_config(cfg.language.name)
     vision_config = vision_config or load_config(cfg.vision.name)
     plans = []
+    trained: frozenset = frozenset()  # what earlier stages of the recipe trained: it stays fp32 when frozen
     for stage in recipe.stages:
         meta = build_meta_model(cfg, lm_config, vision_config, sparse=stage.name == "sparsify")
-        sm = StageModel(meta, stage, setup)
+        sm = StageModel(meta, stage, setup, trained)
+        trained = frozenset(sm.trained_after)
         global_batch = stage.batch_size * stage.grad_accum
         batch = setup.batch_size or max(1, math.ceil(global_batch / setup.gpus))
         accumulation = max(1, math.ceil(global_batch / (batch * setup.gpus)))

@@ -151,7 +151,7 @@ def test_memory_does_not_grow_with_the_dataset(tmp_path, tiny_model_config):
         data = _synthetic_data(tmp_path / str(n), n)
         stage = StageConfig(name="align", data=str(data), batch_size=8, epochs=32 / n)  # four steps
         child = _child({"stage": to_dict(stage), "output": str(tmp_path / f"o{n}"), "model": to_dict(model)}, tmp_path, f"{n}.json")
-        stdout, stderr = child.communicate(timeout=300)
+        stdout, stderr = child.communicate(timeout=900)  # minutes only on a heavily shared machine
         assert child.returncode == 0, stderr[-2000:]
         result = json.loads(stdout.strip().splitlines()[-1])
         assert result["samples"] == n and result["steps"] == 4

@@ -2,6 +2,7 @@
 errors come in OpenAI's shape and status; concurrent requests batch; a client that leaves frees its row."""
 
 import asyncio
+import os
 import json
 import time
 
@@ -17,6 +18,19 @@ from llava_gm.serve.sources import ImagePolicy
 
 openai = pytest.importorskip("openai")
 QUESTION = "what color is the shape?"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _fp32():
+    """Answers are compared exactly across batch compositions (alone vs together, server vs `ask`): on a bf16 host the
+    rounding of a different batch shape flips near-ties of an untrained model's logits, so these tests compute in fp32."""
+    before = os.environ.get("LLAVA_GM_PRECISION")
+    os.environ["LLAVA_GM_PRECISION"] = "fp32"
+    yield
+    if before is None:
+        os.environ.pop("LLAVA_GM_PRECISION", None)
+    else:
+        os.environ["LLAVA_GM_PRECISION"] = before
 
 
 @pytest.fixture(scope="module")

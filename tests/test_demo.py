@@ -31,7 +31,7 @@ def test_demo_on_tiny_models_evaluates_the_fixed_subset_and_resumes(tmp_path, mo
     assert [r["model"] for r in s["rows"]] == ["stage 2 (instruct)"] and s["rows"][0]["questions"] == len(questions)
     assert s["rows"][0]["yes_no_balanced"] is not None
     assert "bal y/n" in s["table"] and "host:" in s["table"] and s["host"]["precision"] in ("bf16", "fp32")
-    assert json.loads((tmp_path / "easy-vqa/build.json").read_text())["balance"] is True
+    assert json.loads((tmp_path / "easy-vqa/build.json").read_text())["balance"] is demo.BALANCED_DATA
 
     again = demo.run_demo("runs/demo", data_dir=str(tmp_path / "easy-vqa"), stage3=False, early_rows=False)  # reused: same answers
     assert capsys.readouterr().out.count("reusing") == 2

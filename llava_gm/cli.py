@@ -147,7 +147,9 @@ def cmd_ask(a):
     _text_arg(a.question, "--question")
     image = None
     if a.image:
-        image = _open_image(a.image)
+        from .images import load_image
+
+        image = load_image(a.image)
     answerer = Answerer.from_checkpoint(a.checkpoint)
     prompt = f"<image>\n{a.question}" if image is not None else a.question
     problem = prompt_problem(answerer, prompt, image is not None)
@@ -155,12 +157,6 @@ def cmd_ask(a):
         raise LlavaGMError(f"--question: {problem}")
     print(answerer.answer([{"prompt": prompt, "image": image}], max_new_tokens=a.max_new_tokens, temperature=a.temperature,
                           top_p=a.top_p, seed=a.seed, progress=False)[0])
-
-
-def _open_image(path):
-    from .images import load_image
-
-    return load_image(path)
 
 
 def _add_answer(sub):

@@ -79,6 +79,7 @@ class StageConfig:
     lora_alpha: int = 128
     train_embeddings: bool = True  # stage 2: also train the (tied) token embeddings
     word_loss: float = 0.0  # with projector.word_tokens: weight of "the image tokens name every content word of the answer"
+    lm_loss: float = 1.0  # weight of the language loss; 0 with word_loss: train the projector's words alone, no LM forward
     lr: float = 1e-3
     projector_lr: Optional[float] = None  # a separate rate for the projector (nanoVLM-style per-module rates); None = lr
     epochs: float = 1.0
@@ -151,7 +152,7 @@ _RANGES = {
     SparseConfig: {"num_experts": _POS, "top_k": _POS, "balance_coef": _NONNEG, "z_loss_coef": _NONNEG,
                    "capacity_factor_train": _POS, "capacity_factor_eval": _POS, "evf_capacity": _POS,
                    "overflow_share": _UNIT, "img_prior": (lambda v: True, "")},
-    StageConfig: {"lora_rank": _POS, "lora_alpha": _POS, "word_loss": _NONNEG, "lr": _POS, "projector_lr": _POS,
+    StageConfig: {"lora_rank": _POS, "lora_alpha": _POS, "word_loss": _NONNEG, "lm_loss": _NONNEG, "lr": _POS, "projector_lr": _POS,
                   "epochs": _POS, "batch_size": _POS, "grad_accum": _POS, "weight_decay": _NONNEG,
                   "betas": (lambda v: 0 <= v < 1, "in [0, 1)"), "warmup_ratio": _UNIT, "max_samples": _POS},
 }

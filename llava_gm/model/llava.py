@@ -120,9 +120,18 @@ class LlavaGM(nn.Module):
         return modality(self.lm, image_mask, sample_has_image, None if token_mask is None else token_mask.bool())
 
     # ---- training -----------------------------------------------------------------------------
-    def forward(self, input_ids, attention_mask, labels, image_features=None, word_loss: float = 0.0) -> ForwardOutput:
+    def forward(self, input_ids, attention_mask, labels, image_features=None, word_loss: float = 0.0,
+                lm_loss: float = 1.0) -> ForwardOutput:
+        """`lm_loss=0` (with `word_loss`): only the projector's word loss, no LM forward (a word-token stage 1 in seconds)."""
         self._word_probs = None
         embeds = self.embed(input_ids, image_features)
+        if not lm_loss:
+            named = self.word_loss(input_ids, labels) if word_loss and self.cfg.projector.word_tokens else None
+            if named is None:
+                raise LlavaGMError("lm_loss: 0 trains on the word loss alone: it needs word_loss > 0, a word-token projector "
+                                   "and answers that name content words")
+            zero = named.new_zeros(())
+            return ForwardOutput(word_loss * named, zero, {"words": word_loss * named}, int((labels != IGNORE_INDEX).sum()))
         pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         with self.modality(input_ids, (input_ids == IMAGE_TOKEN_ID).any(1), attention_mask):
             hidden = self.decoder(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=pos, use_cache=False).last_hidden_state
@@ -133,7 +142,7 @@ class LlavaGM(nn.Module):
         if n == 0:
             raise LlavaGMError("a batch has no labelled tokens; every sample must have a gpt turn")
         logits = self.logits_from_hidden(hidden[:, :-1][keep])
-        lm_loss = F.cross_entropy(logits.float(), target[keep])
+        lm = F.cross_entropy(logits.float(), target[keep])
         aux = {}
         if self.sparse_layers:
             from .sparse import aux_losses
@@ -143,5 +152,5 @@ class LlavaGM(nn.Module):
             named = self.word_loss(input_ids, labels)
             if named is not None:
                 aux["words"] = word_loss * named
-        loss = lm_loss + sum(aux.values()) if aux else lm_loss
-        return ForwardOutput(loss, lm_loss, aux, n)
+        loss = (lm if lm_loss == 1.0 else lm_loss * lm) + sum(aux.values(), lm.new_zeros(()))
+        return ForwardOutput(loss, lm, aux, n)

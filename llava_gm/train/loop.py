@@ -78,7 +78,7 @@ def cosine_lr(step: int, total: int, warmup: int) -> float:
 
 def _fingerprint(stage: StageConfig, n_samples: int) -> dict:
     """What must not change between a step checkpoint and its resume (the rate may: that is how one recovers)."""
-    keep = ("name", "data", "epochs", "batch_size", "grad_accum", "max_samples", "seed", "lora", "lora_rank", "word_loss")
+    keep = ("name", "data", "epochs", "batch_size", "grad_accum", "max_samples", "seed", "lora", "lora_rank", "word_loss", "lm_loss")
     return {**{k: getattr(stage, k) for k in keep}, "samples": n_samples}
 
 
@@ -174,7 +174,7 @@ def train_loop(model, stage: StageConfig, dataset: StageDataset, trainable: list
         sync = contextlib.nullcontext() if last or ranks.world == 1 else net.no_sync()
         with sync:
             with torch.autocast(device.type, dtype=policy.compute, enabled=policy.autocast):
-                out = net(**inputs, image_features=images, word_loss=stage.word_loss)
+                out = net(**inputs, image_features=images, word_loss=stage.word_loss, lm_loss=stage.lm_loss)
             loss, lm = out.loss, out.lm_loss.item()
             if ranks.world > 1:  # the loss of the global batch: each rank's tokens weigh in, as on one process
                 targets, lm_sum = all_sum([batch["targets"], lm * batch["targets"]], ranks)

@@ -52,7 +52,7 @@ def _describe(qas: list[tuple[str, str]]) -> tuple[str | None, str | None]:
     for q, a in qas:
         if a not in ("yes", "no"):
             continue
-        present = (a == "yes") != (" not " in f" {q} ")  # "is there not a red shape?" -> no means present
+        present = (a == "yes") != yes_no_form(q)[0]  # "is there not a red shape?" / "is no red shape present?" -> no: present
         for word in q.rstrip("?").split():
             if present and word in SHAPES:
                 shape = shape or word
@@ -139,14 +139,20 @@ def build_easy_vqa(out_dir: str | Path, seed: int = 0, per_conversation: int = 1
     prior); with word tokens it is the way to take the wording shortcut away.
     """
     out_dir = Path(out_dir)
-    settings = {"format": 2, "seed": seed, "per_conversation": per_conversation, "balance": balance}
+    settings = {"format": 3, "seed": seed, "per_conversation": per_conversation, "balance": balance}
     if (out_dir / "instruct.json").is_file():
         marker = out_dir / "build.json"
         built = json.loads(marker.read_text()) if marker.is_file() else {"format": 1}
-        if built != settings:
+        if marker.is_file() and built.get("format", 1) < settings["format"] and {**built, "format": 0} == {**settings, "format": 0}:
+            # our own output of an older version (format 2 read "is no red shape present?" -> yes as red: 11% of the
+            # captions were wrong): rebuilt, since nothing in it is the user's
+            print(f"rebuilding {out_dir}: it holds easy-VQA data of an older llava-gm (format {built.get('format', 1)})")
+            shutil.rmtree(out_dir)
+        elif built != settings:
             raise LlavaGMError(f"{out_dir} holds easy-VQA data built with other settings ({built}, wanted {settings}); "
                                "remove the folder to rebuild it, or choose another output folder")
-        return out_dir
+        else:
+            return out_dir
     rng = random.Random(seed)
     with atomic_dir(out_dir) as tmp:
         align, instruct = [], []

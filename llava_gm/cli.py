@@ -39,7 +39,10 @@ def _add_train_scale(p):
     p.add_argument("--features", choices=["auto", "online", "cache"], default="auto",
                    help="vision features: computed in the step (online, default on GPUs) or from the on-disk cache (default on CPUs)")
     p.add_argument("--workers", type=int, help="DataLoader worker processes (default: a few for online features, 0 for the cache)")
-    p.add_argument("--strategy", choices=["ddp"], default="ddp", help="under torchrun: DDP (replicated weights)")
+    p.add_argument("--strategy", choices=["ddp", "fsdp"], default="ddp",
+                   help="under torchrun: ddp (replicated weights) or fsdp (FSDP2: parameters, gradients and optimizer state sharded)")
+    p.add_argument("--activation-checkpointing", action="store_true",
+                   help="recompute each decoder layer's activations in the backward: less memory, about a third more compute")
 
 
 def cmd_train(a):
@@ -75,7 +78,7 @@ def cmd_train(a):
     for stage in stages:
         result = run_stage(stage, Path(a.output) / stage.name, model_cfg=base_cfg, init=init, sparse=sparse, resume=a.resume,
                            save_every=a.save_every, keep_last=a.keep_last, features=a.features, workers=a.workers,
-                           resume_command=_same_command(a))
+                           resume_command=_same_command(a), strategy=a.strategy, activation_checkpointing=a.activation_checkpointing)
         init = result["checkpoint"]
     if int(__import__("os").environ.get("RANK", "0")) == 0:  # under torchrun only rank 0 speaks
         print(f"done: {init}")

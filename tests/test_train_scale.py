@@ -169,12 +169,18 @@ def _torchrun(job: dict, tmp_path: Path, name: str) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def _compare(one: dict, two: dict, loss_tol: float, weight_tol: float):
-    log1 = json.loads((Path(one["checkpoint"]) / "train_log.json").read_text())["steps"]
-    log2 = json.loads((Path(two["checkpoint"]) / "train_log.json").read_text())["steps"]
+def _log(result: dict) -> list:
+    return json.loads((Path(result["checkpoint"]) / "train_log.json").read_text())["steps"]
+
+
+def _compare(one: dict, two: dict, loss_tol: float, weight_tol: float, aux_tol: float = 1e-5):
+    log1, log2 = _log(one), _log(two)
     assert len(log1) == len(log2) == one["steps"] and two["processes"] == 2
     for a, b in zip(log1, log2):
         assert abs(a["lm_loss"] - b["lm_loss"]) <= loss_tol * abs(a["lm_loss"]), (a, b)
+        assert {k for k in a if k.startswith("aux_")} == {k for k in b if k.startswith("aux_")}, (a, b)
+        for k in (k for k in a if k.startswith("aux_")):  # balance and z losses: the whole batch's on 1 or 2 processes
+            assert abs(a[k] - b[k]) <= aux_tol * abs(a[k]), (k, a, b)
     w1, w2 = _weights(one["checkpoint"]), _weights(two["checkpoint"])
     assert w1.keys() == w2.keys()
     worst = max(float((w1[k] - w2[k]).abs().max()) for k in w1)
@@ -182,34 +188,95 @@ def _compare(one: dict, two: dict, loss_tol: float, weight_tol: float):
     return worst
 
 
-def test_two_processes_match_one_with_the_same_global_batch_dense_and_moe(tmp_path, tiny_model_config, shapes_data):
-    """DDP on 2 gloo processes (each half of every global batch) against 1 process, fp32: per-step language losses
-    within 1e-5 (relative), dense and MoE; final weights within 1e-5 (dense) and 1e-4 (MoE: Adam's normalised step
-    turns rounding in the routers' tiny gradients into lr-sized differences; measured 2.4e-5). The MoE has 16 experts, top-1, so
-    most experts get no token on a rank in a step: no hang, no desync. Its balance loss is off here: it is taken per
-    rank (each rank's tokens, as DeepSpeed-MoE does), a nonlinear function that differs from the whole batch's."""
+# 16 experts, top-1, dropless: most experts get no token on a rank in a step (no hang, no desync); balance and z
+# losses on, taken over all ranks' routing (model/sparse.py global_aux_losses)
+MOE = dict(kind="moe", num_experts=16, top_k=1, capacity_factor_train=None, layers="all", balance_coef=0.01, z_loss_coef=1e-3)
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory, tiny_model_config, shapes_data):
+    """The 1-process runs the 2-process ones are held to: a dense stage 2 and an MoE stage 3 from it (fp32)."""
     from llava_gm.config import SparseConfig
 
+    tmp = tmp_path_factory.mktemp("one")
     dense = StageConfig(name="instruct", data=str(shapes_data), lr=3e-3, batch_size=8, grad_accum=2, epochs=2, precision="fp32",
                         max_samples=16)
-    one = run_stage(dense, tmp_path / "one", model_cfg=tiny_model_config, **QUIET)
-    two = _torchrun({"stage": to_dict(dense), "output": str(tmp_path / "two"), "model": to_dict(tiny_model_config)}, tmp_path, "dense.json")
-    _compare(one, two, 1e-5, 1e-5)
-
-    moe = SparseConfig(kind="moe", num_experts=16, top_k=1, capacity_factor_train=None, layers="all", balance_coef=0.0)
     sparsify = StageConfig(name="sparsify", data=str(shapes_data), lr=3e-3, batch_size=4, epochs=1, precision="fp32", max_samples=16)
-    one = run_stage(sparsify, tmp_path / "moe1", init=one["checkpoint"], sparse=moe, **QUIET)
-    two = _torchrun({"stage": to_dict(sparsify), "output": str(tmp_path / "moe2"), "init": str(Path(tmp_path / "one")),
-                     "sparse": to_dict(moe)}, tmp_path, "moe.json")
-    _compare(one, two, 1e-5, 1e-4)
+    d = run_stage(dense, tmp / "dense", model_cfg=tiny_model_config, **QUIET)
+    m = run_stage(sparsify, tmp / "moe", init=d["checkpoint"], sparse=SparseConfig(**MOE), **QUIET)
+    return {"dense": (dense, d), "moe": (sparsify, m), "model": tiny_model_config}
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_processes_match_one_with_the_same_global_batch_dense_and_moe(tmp_path, one_process, strategy):
+    """2 gloo processes (each half of every global batch) against 1 process, fp32, DDP and FSDP2 (fully_shard per
+    decoder layer + root, gradients reduce-scattered in fp32): per-step language, balance and z losses within 1e-5
+    (relative), dense and MoE; final weights within 1e-5 (dense) and 1e-4 (MoE: Adam's normalised step turns rounding
+    in the routers' tiny gradients into lr-sized differences; measured 2.4e-5). The FSDP MoE run also recomputes
+    its decoder layers in the backward (activation checkpointing), which must not change a number."""
+    (dense, one), (sparsify, one_moe) = one_process["dense"], one_process["moe"]
+    two = _torchrun({"stage": to_dict(dense), "output": str(tmp_path / "two"), "model": to_dict(one_process["model"]),
+                     "strategy": strategy}, tmp_path, "dense.json")
+    assert two["strategy"] == strategy
+    _compare(one, two, 1e-5, 1e-5)
+    two = _torchrun({"stage": to_dict(sparsify), "output": str(tmp_path / "moe2"), "init": one["checkpoint"], "sparse": MOE,
+                     "strategy": strategy, "activation_checkpointing": strategy == "fsdp"}, tmp_path, "moe.json")
+    assert "aux_balance" in _log(two)[0] and "aux_z" in _log(two)[0] and two["activation_checkpointing"] == (strategy == "fsdp")
+    _compare(one_moe, two, 1e-5, 1e-4)
+
+
+def test_killed_two_process_fsdp_run_resumes_to_the_uninterrupted_weights(tmp_path, tiny_model_config, shapes_data):
+    """SIGKILL the whole torchrun job (launcher and both ranks) after its second step checkpoint and resume it under
+    torchrun with FSDP: every step's losses within 1e-5 (relative) and the final weights within 1e-5 of an
+    uninterrupted run (1 process, the same global batch; as in the test above). The step checkpoints hold the
+    shards gathered whole on rank 0, and a resume under DDP is refused naming the strategy to use."""
+    stage = StageConfig(name="instruct", data=str(shapes_data), lr=3e-3, batch_size=8, epochs=2, warmup_ratio=0.2, precision="fp32",
+                        max_samples=16)
+    whole = run_stage(stage, tmp_path / "whole", model_cfg=tiny_model_config, **QUIET)
+    assert whole["steps"] == 4
+    base = {"stage": to_dict(stage), "model": to_dict(tiny_model_config), "strategy": "fsdp"}
+    out = tmp_path / "run" / "instruct"
+    (tmp_path / "kill.json").write_text(json.dumps({**base, "output": str(out), "save_every": 1, "keep_last": 2, "pause_after_save": 3}))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(CHILD), str(tmp_path / "kill.json")]
+    job = subprocess.Popen(cmd, env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.PIPE, text=True)
+    steps = out.with_name("instruct.steps")
+    deadline = time.time() + 300
+    while not (steps / "step-00000002" / "manifest.json").exists() and job.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert job.poll() is None, job.stderr.read()[-3000:]
+    ranks = [int(c) for t in Path(f"/proc/{job.pid}/task").iterdir() for c in (t / "children").read_text().split()]
+    assert len(ranks) == 2
+    for pid in ranks + [job.pid]:  # the ranks run in sessions of their own: each is killed, then the launcher
+        os.kill(pid, signal.SIGKILL)
+    job.wait()
+    for pid in ranks:  # gone (reaped by the dead launcher's init) before the resume takes the lock
+        while Path(f"/proc/{pid}").exists() and "Z" not in Path(f"/proc/{pid}/stat").read_text().split()[2]:
+            time.sleep(0.05)
+    assert [p.name for p in sorted(steps.glob("step-*"))] == ["step-00000001", "step-00000002"] and not out.exists()
+    with pytest.raises(LlavaGMError, match=r"saved by a run with --strategy fsdp on 2 process\(es\); resume it with --strategy fsdp"):
+        run_stage(stage, out, model_cfg=tiny_model_config, resume=True, **QUIET)
+    resumed = _torchrun({**base, "output": str(out), "save_every": 1, "resume": True}, tmp_path, "resume.json")
+    _compare(whole, resumed, 1e-5, 1e-5)
 
 
 def test_an_error_on_one_rank_ends_every_rank_with_its_message(tmp_path, tiny_model_config, shapes_data):
-    stage = StageConfig(name="align", data=str(tmp_path / "missing.json"))
-    (tmp_path / "e.json").write_text(json.dumps({"stage": to_dict(stage), "output": str(tmp_path / "o"), "model": to_dict(tiny_model_config)}))
+    """A bad sample that only rank 1 reads, at its second batch: rank 0 waits in a collective, torchrun ends it, and
+    the job fails within the timeout with rank 1's message (never a hang)."""
+    stage = StageConfig(name="align", data=str(shapes_data), batch_size=4, epochs=1)
+    job = {"stage": to_dict(stage), "output": str(tmp_path / "o"), "model": to_dict(tiny_model_config), "fail_on_rank": [1, 3]}
+    (tmp_path / "e.json").write_text(json.dumps(job))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(CHILD), str(tmp_path / "e.json")]
-    done = subprocess.run(cmd, env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
-    assert done.returncode != 0 and "missing.json: data file not found" in done.stderr
+    t0 = time.time()
+    done = subprocess.run(cmd, env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and "sample s" in done.stderr and "bad image (test: read on rank 1 only)" in done.stderr, done.stderr[-3000:]
+    assert not (tmp_path / "o").exists() and done.stdout == "", time.time() - t0
+    # an error every rank sees (a missing data file) ends every rank with it
+    job = {"stage": to_dict(StageConfig(name="align", data=str(tmp_path / "missing.json"))), "output": str(tmp_path / "o"),
+           "model": to_dict(tiny_model_config)}
+    (tmp_path / "e.json").write_text(json.dumps(job))
+    done = subprocess.run(cmd, env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and done.stderr.count("missing.json: data file not found") >= 2, done.stderr[-3000:]
 
 
 def test_online_features_in_workers_train_like_cached_ones(tmp_path, tiny_model_config, shapes_data):

@@ -2,6 +2,7 @@
 
 usage: python tests/train_child.py JOB.json   (JOB: stage, output, model, and run_stage keyword arguments)
 With "pause_after_save": seconds, it sleeps after each step checkpoint, so a test can kill it mid-stage.
+With "fail_on_rank": [rank, n], that rank's n-th sample read fails as a bad image would (the other ranks read fine).
 Prints one JSON line (rank 0): the result and this process's peak RSS in MiB.
 """
 
@@ -30,6 +31,19 @@ def main(job_file: str) -> int:
             return out
 
         checkpoint.StepCheckpoints.save = slow_save
+    fail = job.pop("fail_on_rank", None)
+    if fail and int(os.environ.get("RANK", "0")) == fail[0]:
+        from llava_gm.train import data
+
+        read, calls = data.StageDataset.__getitem__, []
+
+        def bad_read(self, i):
+            calls.append(i)
+            if len(calls) == fail[1]:
+                raise LlavaGMError(f"sample {self.samples[i].id}: bad image (test: read on rank {fail[0]} only)")
+            return read(self, i)
+
+        data.StageDataset.__getitem__ = bad_read
     stage = from_dict(StageConfig, job.pop("stage"))
     model = from_dict(ModelConfig, job.pop("model")) if "model" in job else None
     if "sparse" in job:

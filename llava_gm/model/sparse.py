@@ -236,6 +236,7 @@ class SparseFFN(nn.Module):
             self.router.weight.copy_(torch.randn(self.router.weight.shape, generator=g) * init_std)
         self._masks: tuple = (None, None, None)  # image_mask, sample_has_image, token_mask: set only inside `modality`
         self.last_aux: dict[str, torch.Tensor] = {}
+        self.last_stats: Optional[dict] = None  # what last_aux is made of (for the balance loss over all ranks)
         self._record: Optional[_Record] = None
 
     def extra_repr(self) -> str:
@@ -270,23 +271,35 @@ class SparseFFN(nn.Module):
         lead, d = x.shape[:-1], x.shape[-1]
         xf = x.reshape(-1, d)
         image, has_image, valid = self._token_masks(lead, x.device)
-        self.last_aux = {}
+        self.last_aux, self.last_stats = {}, None
         if self.kind == "evf":
             routed = None if has_image is None else (has_image if valid is None else has_image & valid)
             if routed is None or not bool(routed.any()):
                 if self._record is not None:
                     self._record.bypass += torch.bincount(image.long().cpu(), minlength=2).double()
-                return self.experts[LANGUAGE](x)  # text-only: exactly the stage-2 FFN
+                out = self.experts[LANGUAGE](x)  # text-only: exactly the stage-2 FFN
+                if self.training and torch.is_grad_enabled():
+                    # the router and vision FFN still take part in the graph (zero gradient), so a rank whose
+                    # batch has no image reduces the same gradients as the others (DDP, FSDP): adds exactly 0
+                    none = xf[:0]
+                    out = out + (self.experts[VISION](none).sum() + self.router(none).sum()).to(out.dtype) * 0
+                return out
             experts, weights, keep = self._route_evf(xf, image, routed)
         else:
             experts, weights, keep = self._route_moe(xf, image, valid)
         return self._dispatch(xf, experts, weights, keep).view(x.shape)
 
-    def _aux(self, logits, balance):
+    def _aux(self, logits, balance, counts, total, probs, scale):
+        """The layer's weighted auxiliary losses, and the statistics they are made of (for `global_aux_losses`):
+        balance = scale * sum_e (counts_e / total) * (sum of probs_e / tokens); z = mean squared log-partition."""
         if self.cfg.balance_coef:
             self.last_aux["balance"] = self.cfg.balance_coef * balance
         if self.cfg.z_loss_coef:
             self.last_aux["z"] = self.cfg.z_loss_coef * z_loss(logits)
+        if self.cfg.balance_coef or self.cfg.z_loss_coef:
+            self.last_stats = {"counts": counts.detach().double(), "total": float(total), "tokens": float(probs.shape[0]),
+                               "prob_sum": probs.sum(0), "scale": float(scale),
+                               "z_sum": torch.logsumexp(logits, -1).square().sum() if self.cfg.z_loss_coef else None}
 
     def _route_moe(self, xf, image, valid):
         logits = self.router(xf)
@@ -300,7 +313,9 @@ class SparseFFN(nn.Module):
             weights = weights / weights.sum(-1, keepdim=True).clamp_min(torch.finfo(weights.dtype).eps)
         r = slice(None) if valid is None else valid
         if n_routed:
-            self._aux(logits[r], switch_balance_loss(probs[r], experts[r]))
+            chosen = experts[r]
+            self._aux(logits[r], switch_balance_loss(probs[r], chosen), torch.bincount(chosen.reshape(-1), minlength=self.num_experts),
+                      chosen.numel(), probs[r], self.num_experts)
         if self._record is not None and n_routed:
             oh = F.one_hot(experts[r], self.num_experts)
             self._record.add(image[r], probs[r].detach(), oh.sum(1), (oh * keep[r][..., None]).sum(1), ~keep[r].any(-1))
@@ -315,7 +330,7 @@ class SparseFFN(nn.Module):
         ffn, keep = allocate_evf(probs.detach(), image[idx], cfg.allocation, cap, cfg.img_prior, cfg.overflow_share)
         p = probs.gather(1, ffn[:, None]).squeeze(1)
         w = (1.0 + p - p.detach()) * keep  # value 1 (or 0 if dropped); gradient of Eve's p-weighted output
-        self._aux(logits, eve_balance_loss(probs, ffn, keep))
+        self._aux(logits, eve_balance_loss(probs, ffn, keep), torch.bincount(ffn[keep], minlength=2), max(probs.shape[0], 1), probs, 1)
         if self._record is not None:
             oh = F.one_hot(ffn, 2)
             self._record.add(image[idx], probs.detach(), F.one_hot(probs.argmax(-1), 2), oh * keep[:, None], ~keep,
@@ -396,6 +411,39 @@ def aux_losses(lm: nn.Module) -> dict[str, torch.Tensor]:
     total: dict[str, torch.Tensor] = {}
     for m in sparse_modules(lm):
         for k, v in m.last_aux.items():
+            total[k] = total[k] + v if k in total else v
+    return total
+
+
+def global_aux_losses(lm: nn.Module, all_reduce, world: int) -> dict[str, torch.Tensor]:
+    """The auxiliary losses of the last forward taken over every rank's tokens, as one process with the whole batch
+    would take them: the routing counts and token numbers of all ranks are summed (one `all_reduce` of a float64
+    vector, every layer at once); each rank keeps the differentiable part of its own tokens, scaled by `world`, so
+    the mean over ranks (what DDP and FSDP do to gradients, and what the trainer logs) is the whole batch's loss
+    and gradient. Balance: scale * sum_e (C_e / C) * (P_e / N), C_e choices of expert e and C all choices of all
+    ranks, P_e this rank's sum of router probabilities, N all ranks' tokens; z: this rank's sum / N.
+    (DeepSpeed-MoE and Megatron take the balance loss per rank, a different loss once ranks route differently.)"""
+    mods = sparse_modules(lm)
+    if not mods:
+        return {}
+    parts = []
+    for m in mods:
+        s = m.last_stats
+        parts.append(torch.zeros(m.num_experts + 2, dtype=torch.float64) if s is None else
+                     torch.cat([s["counts"].cpu(), torch.tensor([s["total"], s["tokens"]], dtype=torch.float64)]))
+    summed = all_reduce(torch.cat(parts)).split([m.num_experts + 2 for m in mods])
+    total: dict[str, torch.Tensor] = {}
+    for m, g in zip(mods, summed):
+        s, counts, choices, tokens = m.last_stats, g[:-2], float(g[-2]), float(g[-1])
+        if s is None or tokens == 0:
+            continue
+        terms = {}
+        if m.cfg.balance_coef:
+            f = (counts / choices).to(s["prob_sum"].device, s["prob_sum"].dtype)
+            terms["balance"] = m.cfg.balance_coef * s["scale"] * (f * s["prob_sum"]).sum() * (world / tokens)
+        if m.cfg.z_loss_coef:
+            terms["z"] = m.cfg.z_loss_coef * s["z_sum"] * (world / tokens)
+        for k, v in terms.items():
             total[k] = total[k] + v if k in total else v
     return total
 

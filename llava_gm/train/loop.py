@@ -1,5 +1,5 @@
 """The training loop: AdamW, cosine schedule with warm-up, gradient accumulation, bf16 autocast, a progress bar,
-step checkpoints and exact resume, one process or many (DDP)."""
+step checkpoints and exact resume, one process or many (DDP, or FSDP2: train/sharding.py)."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from ..data.conversation import IGNORE_INDEX, IMAGE_TOKEN_ID
 from ..data.features import encode_pixels
 from ..data.llava_json import Sample
 from ..errors import LlavaGMError
+from ..model.sparse import global_aux_losses
 from .checkpoint import StepCheckpoints
 from .data import StageBatches, StageDataset, epoch_batches, make_loader
 from .distributed import Ranks, all_sum, barrier, gather
@@ -43,6 +44,8 @@ class RunSettings:
     resume_command: str = ""  # the command that continues this run, for messages
     workers: int = 0  # DataLoader worker processes
     online: bool = False  # vision features computed in the step from pixels
+    strategy: str = "ddp"  # several processes: ddp (replicated weights) | fsdp (FSDP2, sharded)
+    activation_checkpointing: bool = False  # recompute decoder layers' activations in the backward
     progress: bool = True
     say: Callable[[str], None] = print
 
@@ -86,15 +89,25 @@ def _base_lrs(stage: StageConfig, groups: list[dict]) -> list[float]:
     return [(stage.projector_lr or stage.lr) if g["projector"] else stage.lr for g in groups]
 
 
-def _restore(state: tuple, model_params: dict, opt, sched, stage, groups, fingerprint, settings) -> tuple[int, list]:
+def _restore(state: tuple, model, opt, sched, stage, groups, fingerprint, settings, fsdp: bool) -> tuple[int, list]:
     folder, weights, trainer = state
     if trainer["fingerprint"] != fingerprint:
         diff = {k: (trainer["fingerprint"].get(k), v) for k, v in fingerprint.items() if trainer["fingerprint"].get(k) != v}
         raise LlavaGMError(f"{folder}: made with other settings {diff} (saved, now); resume with the settings it was made with")
-    with torch.no_grad():
-        for n, v in weights.items():
-            model_params[n].copy_(v)
-    opt.load_state_dict(trainer["optimizer"])
+    saved = trainer.get("strategy", "ddp")
+    if saved != ("fsdp" if fsdp else "ddp"):
+        raise LlavaGMError(f"{folder}: saved by a run with --strategy {saved} on {len(trainer['rng'])} process(es); "
+                           f"resume it with --strategy {saved}" + (" under torchrun" if saved == "fsdp" else ""))
+    if fsdp:
+        from .sharding import load_full_state
+
+        load_full_state(model, opt, weights, trainer["optimizer"])
+    else:
+        model_params = dict(model.named_parameters())
+        with torch.no_grad():
+            for n, v in weights.items():
+                model_params[n].copy_(v)
+        opt.load_state_dict(trainer["optimizer"])
     sched.load_state_dict(trainer["scheduler"])
     lrs = _base_lrs(stage, groups)
     if lrs != sched.base_lrs:  # a new rate (e.g. after a diverged run): the schedule continues with it
@@ -119,6 +132,20 @@ def train_loop(model, stage: StageConfig, dataset: StageDataset, trainable: list
     settings = settings or RunSettings()
     ranks, say = settings.ranks, settings.say
     device = ranks.device
+    policy = train_precision(device, stage.precision)
+    if settings.strategy not in ("ddp", "fsdp"):
+        raise LlavaGMError(f"strategy {settings.strategy!r}: use ddp or fsdp")
+    fsdp = settings.strategy == "fsdp" and ranks.world > 1  # one process: nothing to shard
+    if settings.activation_checkpointing:
+        from .sharding import checkpoint_layers
+
+        checkpoint_layers(model)
+    if fsdp:  # before the optimizer: sharding replaces the parameters
+        from .sharding import shard
+
+        shard(model, policy)
+        say(f"FSDP2 over {ranks.world} processes: parameters, gradients and optimizer state sharded per decoder layer "
+            f"(gathered in {str(policy.compute).replace('torch.', '')}, reduced in {str(policy.reduce).replace('torch.', '')})")
     params = dict(model.named_parameters())
     groups = []
     for is_proj in (False, True):  # the projector may take its own learning rate
@@ -144,16 +171,16 @@ def train_loop(model, stage: StageConfig, dataset: StageDataset, trainable: list
     if settings.resume and settings.checkpoints is not None:
         state = settings.checkpoints.load_latest()
         if state is not None:
-            micro, log.steps = _restore(state, params, opt, sched, stage, groups, fingerprint, settings)
+            micro, log.steps = _restore(state, model, opt, sched, stage, groups, fingerprint, settings, fsdp)
     pad_id = model.tokenizer.pad_token_id
-    policy = train_precision(device, stage.precision)
     sampler = StageBatches(lengths, stage.batch_size, stage.seed, total_steps * stage.grad_accum, micro, ranks.rank, ranks.world)
     loader = make_loader(dataset, sampler, pad_id, settings.workers)
     # a sparse layer's expert may get no token in a step: it still takes part (zero gradient), so every rank
     # reduces the same gradients and the optimizer treats it alike on 1 or N processes
-    sparse_params = [params[n] for n in trainable] if stage.name == "sparsify" else []
+    # (FSDP: the sparse layers themselves keep every expert and router in the graph, model/sparse.py)
+    sparse_params = [params[n] for n in trainable] if stage.name == "sparsify" and not fsdp else []
     net = model
-    if ranks.world > 1:
+    if ranks.world > 1 and not fsdp:
         from torch.nn.parallel import DistributedDataParallel
 
         # every rank built the same model from the same seed and checkpoint: no start-up broadcast
@@ -171,13 +198,16 @@ def train_loop(model, stage: StageConfig, dataset: StageDataset, trainable: list
         inputs = {k: batch[k].to(device, non_blocking=True) for k in ("input_ids", "labels", "attention_mask")}
         micro += 1
         last = micro % stage.grad_accum == 0
-        sync = contextlib.nullcontext() if last or ranks.world == 1 else net.no_sync()
+        # FSDP reduce-scatters every micro-batch's gradients into the shards (no unsharded gradients kept)
+        sync = contextlib.nullcontext() if last or ranks.world == 1 or fsdp else net.no_sync()
         with sync:
             with torch.autocast(device.type, dtype=policy.compute, enabled=policy.autocast):
                 out = net(**inputs, image_features=images, word_loss=stage.word_loss, lm_loss=stage.lm_loss)
             loss, lm = out.loss, out.lm_loss.item()
             if ranks.world > 1:  # the loss of the global batch: each rank's tokens weigh in, as on one process
                 targets, lm_sum = all_sum([batch["targets"], lm * batch["targets"]], ranks)
+                if model.sparse_layers:  # balance and z losses over all ranks' routing, as on one process
+                    out.aux = {**out.aux, **global_aux_losses(model.lm, lambda t: _all_reduce(t, ranks), ranks.world)}
                 loss = out.lm_loss * (batch["targets"] * ranks.world / targets) + sum(out.aux.values(), torch.zeros((), device=device))
                 lm = lm_sum / targets
             if sparse_params:
@@ -190,7 +220,8 @@ def train_loop(model, stage: StageConfig, dataset: StageDataset, trainable: list
             aux_acc[k] = aux_acc.get(k, 0.0) + v.item() / stage.grad_accum
         if not last:
             continue
-        grad_norm = float(torch.nn.utils.clip_grad_norm_([params[n] for n in trainable], 1.0))
+        grad_norm = torch.nn.utils.clip_grad_norm_([params[n] for n in trainable], 1.0)
+        grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
         if ranks.world > 1:  # the logged numbers are the global batch's
             merged: dict = {}
             for d in gather(aux_acc, ranks):
@@ -216,16 +247,36 @@ def train_loop(model, stage: StageConfig, dataset: StageDataset, trainable: list
         bar.update(1)
         if settings.checkpoints is not None and settings.save_every and step % settings.save_every == 0 and step < total_steps:
             rngs = gather(_rng_state(), ranks)
+            if fsdp:  # the shards gathered whole on rank 0 (every rank takes its part again on resume)
+                from .sharding import full_state
+
+                weights, opt_state = full_state(model, opt, trainable)
+            else:
+                weights, opt_state = {n: params[n] for n in trainable}, opt.state_dict()
             if ranks.main:
-                settings.checkpoints.save(step, {n: params[n] for n in trainable}, {
-                    "step": step, "micro": micro, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                    "schedule": [total_steps, warmup], "log": log.steps, "rng": rngs, "fingerprint": fingerprint})
+                settings.checkpoints.save(step, weights, {
+                    "step": step, "micro": micro, "optimizer": opt_state, "scheduler": sched.state_dict(),
+                    "schedule": [total_steps, warmup], "log": log.steps, "rng": rngs, "fingerprint": fingerprint,
+                    "strategy": "fsdp" if fsdp else "ddp"})
             barrier(ranks)
         acc, aux_acc, step_ids = {"loss": 0.0, "lm_loss": 0.0, "tokens": 0}, {}, []
         t0 = time.perf_counter()
     bar.close()
+    if fsdp:
+        from .sharding import gather_weights
+
+        del opt
+        gather_weights(model)
     model.eval()
     return log
+
+
+def _all_reduce(t: torch.Tensor, ranks: Ranks) -> torch.Tensor:
+    import torch.distributed as dist
+
+    t = t.to(ranks.device)
+    dist.all_reduce(t)
+    return t.cpu()
 
 
 def _stop_non_finite(stage, step, total, loss, grad_norm, ids, settings: RunSettings):

@@ -120,18 +120,22 @@ def _stage_data(model, stage: StageConfig, samples, skipped, online: bool, ranks
 def run_stage(stage: StageConfig, output: str | Path, model_cfg: Optional[ModelConfig] = None, init: Optional[str] = None,
               sparse: Optional[SparseConfig] = None, progress: bool = True, say: Callable[[str], None] = print, *,
               resume: bool = False, save_every: int = 0, keep_last: int = 2, features: str = "auto",
-              workers: Optional[int] = None, resume_command: str = "") -> dict:
+              workers: Optional[int] = None, resume_command: str = "", strategy: str = "ddp",
+              activation_checkpointing: bool = False) -> dict:
     """Train `stage` starting from checkpoint `init` (or fresh backbones from `model_cfg`); write a checkpoint to `output`.
 
     Every `save_every` optimizer steps a step checkpoint goes to `<output>.steps/` (the last `keep_last` kept);
     `resume` continues from the newest intact one, or reuses `output` if the stage finished. Under torchrun every
-    rank runs this; only rank 0 prints and writes."""
+    rank runs this; only rank 0 prints and writes. `strategy` (several processes): ddp | fsdp (FSDP2 shards);
+    `activation_checkpointing` recomputes decoder layers in the backward."""
     output = Path(output)
     ranks = distributed.setup()
     if not ranks.main:
         say, progress = (lambda m: None), False
     if features not in ("auto", "online", "cache"):
         raise LlavaGMError(f"features {features!r}: use online, cache or auto")
+    if strategy not in ("ddp", "fsdp"):
+        raise LlavaGMError(f"strategy {strategy!r}: use ddp (replicated weights) or fsdp (sharded, FSDP2)")
     for name, value, least in (("save_every", save_every, 0), ("keep_last", keep_last, 1), ("workers", workers or 0, 0)):
         if not isinstance(value, int) or value < least:
             raise LlavaGMError(f"{name} {value!r}: use a whole number of at least {least}")
@@ -150,7 +154,7 @@ def run_stage(stage: StageConfig, output: str | Path, model_cfg: Optional[ModelC
                                f"(newest: {steps.existing()[-1].name}); continue it with: {how} "
                                f"(or remove {steps.dir} to start the stage again)")
         result = _run(stage, output, model_cfg, init, sparse, progress, say, ranks, steps, resume, save_every, features,
-                      workers, resume_command)
+                      workers, resume_command, strategy, activation_checkpointing)
     except BaseException:
         steps.release()
         if ranks.main and steps.dir.is_dir() and not steps.existing():
@@ -159,7 +163,8 @@ def run_stage(stage: StageConfig, output: str | Path, model_cfg: Optional[ModelC
     return result
 
 
-def _run(stage, output, model_cfg, init, sparse, progress, say, ranks, steps, resume, save_every, features, workers, resume_command):
+def _run(stage, output, model_cfg, init, sparse, progress, say, ranks, steps, resume, save_every, features, workers, resume_command,
+         strategy="ddp", activation_checkpointing=False):
     torch.manual_seed(stage.seed)
     model = load_checkpoint(init) if init else build_model(model_cfg or ModelConfig())
     if stage.word_loss and not model.cfg.projector.word_tokens:
@@ -204,7 +209,8 @@ def _run(stage, output, model_cfg, init, sparse, progress, say, ranks, steps, re
     if workers is None:  # decoding images is worth worker processes; reading cached features is not
         workers = min(4, max(1, (os.cpu_count() or 2) // max(1, ranks.world) - 1)) if online else 0
     settings = RunSettings(ranks=ranks, checkpoints=steps if save_every else None, save_every=save_every, resume=resume,
-                           resume_command=resume_command, workers=workers, online=online, progress=progress, say=say)
+                           resume_command=resume_command, workers=workers, online=online, progress=progress, say=say,
+                           strategy=strategy, activation_checkpointing=activation_checkpointing)
     if resume and not save_every:
         settings.checkpoints = steps  # resume reads what an earlier run saved, even if this one saves none
     log = train_loop(model, stage, dataset, trainable, settings)
@@ -219,7 +225,8 @@ def _run(stage, output, model_cfg, init, sparse, progress, say, ranks, steps, re
     first, last = log.steps[0]["lm_loss"], log.last_mean("lm_loss")
     record = {"stage": stage.name, "data": stage.data, "samples": len(samples), "skipped": len(skipped), "steps": len(log.steps),
               "lr": stage.lr, "batch_size": stage.batch_size, "grad_accum": stage.grad_accum, "epochs": stage.epochs, "lora": stage.lora,
-              "first_loss": first, "final_loss": last, "init": init, "processes": ranks.world}
+              "first_loss": first, "final_loss": last, "init": init, "processes": ranks.world,
+              "strategy": strategy if ranks.world > 1 else "one process", "activation_checkpointing": activation_checkpointing}
     if ranks.main:
         save_checkpoint(model, output, stage=record, extra={
             "train_log.json": json.dumps({"steps": log.steps, "skipped": skipped.reasons}, indent=1).encode(),

@@ -288,3 +288,80 @@ def test_online_features_in_workers_train_like_cached_ones(tmp_path, tiny_model_
     assert len(logs[0]) == len(logs[1]) == 3 and cached["samples"] == online["samples"] == 24
     for a, b in zip(*logs):
         assert abs(a["lm_loss"] - b["lm_loss"]) < 1e-2 * a["lm_loss"], (a, b)
+
+
+def _sparse_lm(**sparse):
+    from llava_gm.config import SparseConfig
+    from llava_gm.model.sparse import sparsify
+    from tests.test_sparse_helpers import tiny_lm
+
+    lm = tiny_lm(layers=2).train()
+    sparsify(lm, SparseConfig(layers="all", **sparse))
+    return lm
+
+
+def _grads(lm, x, mask, has_image, aux_of=None):
+    from llava_gm.model.sparse import aux_losses, modality, sparse_trainable
+
+    lm.zero_grad(set_to_none=True)
+    params = dict(lm.named_parameters())
+    with modality(lm, mask, has_image):
+        out = lm(x).logits.float().square().mean()
+    aux = (aux_of or aux_losses)(lm)
+    (out + sum(aux.values(), torch.zeros(()))).backward()
+    return {n: params[n].grad for n in sparse_trainable(lm)}, {k: v.item() for k, v in aux.items()}
+
+
+def test_balance_and_z_losses_over_two_ranks_are_the_whole_batchs_value_and_gradient():
+    """global_aux_losses on two halves of a batch (each half's all_reduce adds the other's counts) averages to the
+    value and gradient of the losses of the whole batch on one process (fp32, dropless top-2 MoE: routing is per
+    token); on one rank it is the layers' own loss."""
+    from llava_gm.model.sparse import global_aux_losses
+    from tests.test_sparse_helpers import ids
+
+    lm = _sparse_lm(kind="moe", num_experts=8, top_k=2, capacity_factor_train=None, balance_coef=0.01, z_loss_coef=1e-3)
+    x = ids(4, 10)
+    whole, whole_aux = _grads(lm, x, None, None)
+    assert set(whole_aux) == {"balance", "z"}
+    _, one_rank = _grads(lm, x, None, None, lambda m: global_aux_losses(m, lambda t: t, 1))
+    assert one_rank == pytest.approx(whole_aux, rel=1e-6)
+    halves, vectors = (x[:2], x[2:]), {}
+    for i, h in enumerate(halves):  # each rank's own statistics (what it sends to the all_reduce)
+        _grads(lm, h, None, None, lambda m: global_aux_losses(m, lambda t: vectors.setdefault(i, t.clone()), 2))
+    grads, values = [], []
+    for i, h in enumerate(halves):
+        g, v = _grads(lm, h, None, None, lambda m: global_aux_losses(m, lambda t: vectors[0] + vectors[1], 2))
+        grads.append(g)
+        values.append(v)
+    for k in whole_aux:  # the mean over ranks, as the trainer logs it
+        assert (values[0][k] + values[1][k]) / 2 == pytest.approx(whole_aux[k], rel=1e-6)
+    for n, g in whole.items():  # DDP/FSDP average the ranks' gradients
+        torch.testing.assert_close((grads[0][n] + grads[1][n]) / 2, g, rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize("kind", ["moe", "evf"])
+def test_every_expert_takes_part_and_activation_checkpointing_changes_no_gradient(kind):
+    """A batch where experts get no token (EVF: no image at all, so no routing; MoE: 8 experts, 4 tokens) still
+    gives every trainable parameter a gradient (zeros), so every rank reduces the same set and no rank waits;
+    recomputing the decoder layers in the backward (random EVF allocation: RNG and token masks restored) gives
+    the same gradients bitwise."""
+    from types import SimpleNamespace
+
+    from llava_gm.train.sharding import checkpoint_layers
+    from tests.test_sparse_helpers import ids, image_mask
+
+    sparse = dict(kind="moe", num_experts=8, top_k=1) if kind == "moe" else dict(kind="evf", allocation="random", evf_capacity=0.6)
+    lm = _sparse_lm(z_loss_coef=1e-3, **sparse)
+    small = ids(1, 4)
+    g, _ = _grads(lm, small, torch.zeros(1, 4, dtype=torch.bool), torch.zeros(1, dtype=torch.bool))
+    assert all(v is not None for v in g.values())
+    if kind == "evf":
+        assert all(float(v.abs().max()) == 0 for n, v in g.items() if "router" in n or "experts.1." in n)
+    x, mask = ids(3, 12), image_mask(3, 12, samples=[0, 2])
+    torch.manual_seed(5)
+    plain, plain_aux = _grads(lm, x, mask, mask.any(1))
+    assert checkpoint_layers(SimpleNamespace(lm=lm)) == 2
+    torch.manual_seed(5)
+    again, again_aux = _grads(lm, x, mask, mask.any(1))
+    assert plain_aux == again_aux and plain.keys() == again.keys()
+    assert all(torch.equal(plain[n], again[n]) for n in plain)

@@ -19,10 +19,9 @@ from .recipes import resolve
 RECIPE = resolve("offline-default")
 ENGLISH = Path(__file__).resolve().parent / "assets" / "english.txt"  # the same text for every row's perplexity
 # quick-run sizes (samples per stage), chosen so the demo fits 15 minutes on a 2-core CPU; --full uses all data
-QUICK = {"align": None, "instruct": 3200, "sparsify": 320}  # None: all 3,971 captions
-# Balanced yes/no training answers with stage 1 on 1,600 captions collapsed yes/no to one answer (bal y/n 50.00,
-# 58.62% overall; bf16, seed 0, AMX host, 2026-12-06: docs/yes-no.md), so the default stays the 2026-11-25 recipe
-# (natural answers, all captions: 97.82%) until a balanced recipe is shown to hold over seeds and precisions.
+QUICK = {"align": None, "instruct": 3200, "sparsify": 320}  # None: all 3,971 captions (stage 1 takes seconds: no LM)
+# natural yes/no answers, as the split has them: with correct captions the model checks the image on them
+# (bal y/n 99%, docs/yes-no.md); balanced answers (prepare-data --balance) stay an option, not the default
 BALANCED_DATA = False
 SAMPLE_QUESTIONS = 100  # the test split's first questions for the untrained and stage-1 rows (they score 0)
 # the trained rows' fixed evaluation set: the test split's first questions (its natural mix) plus its balanced yes/no

@@ -40,7 +40,8 @@ def cpu_has_amx() -> bool:
 
 
 def host_key() -> str:
-    """What the measurement depends on: the CPU (model name and flags), the thread count and torch's version."""
+    """What the measurement depends on: the CPU (model name and flags), the thread count, torch's version and
+    oneDNN's instruction-set cap (`ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16` makes an AMX host compute as one without)."""
     try:
         info = Path("/proc/cpuinfo").read_text()
     except OSError:
@@ -51,7 +52,7 @@ def host_key() -> str:
         if k.strip() in ("model name", "flags") and k.strip() not in fields:
             fields[k.strip()] = v.strip()
     ident = f"{platform.machine()}|{platform.processor()}|{fields.get('model name')}|{fields.get('flags')}|" \
-            f"{torch.get_num_threads()}|{torch.__version__}"
+            f"{torch.get_num_threads()}|{torch.__version__}|{os.environ.get('ONEDNN_MAX_CPU_ISA', '')}"  # the cap changes the kernels
     return hashlib.sha1(ident.encode()).hexdigest()[:16]
 
 

@@ -76,7 +76,10 @@ class Answerer:
     @classmethod
     def from_checkpoint(cls, path: Union[str, Path], dtype: Optional[torch.dtype] = None, device=None, fast: Optional[bool] = None,
                         compile: bool = False) -> "Answerer":
-        model = load_checkpoint(path)
+        """A training checkpoint, or a folder of `llava-gm export --format llava-gm` (every command's --checkpoint takes both)."""
+        from .export import is_export, load_export
+
+        model = load_export(path) if is_export(path) else load_checkpoint(path)
         return cls(model, model_id=Path(path).name, checkpoint_hash=checkpoint_hash(path), dtype=dtype, device=device, fast=fast,
                    compile=compile)
 

@@ -1,5 +1,6 @@
 """Exports: transformers' Llava (+ processor) computes what the model computes; llava-gm's folder loads back in one call."""
 
+import asyncio
 import dataclasses
 
 import pytest
@@ -157,3 +158,71 @@ def test_hf_export_of_the_offline_backbones(tmp_path):
     export_hf(model, tmp_path / "hf")
     assert to_hf_llava(model).config.image_token_id == model.tokenizer.convert_tokens_to_ids("<start_of_image>")
     _check_hf_folder(model, tmp_path / "hf", tiny.draw_shape("red", "circle", size=64))
+
+
+def test_every_command_takes_an_export_folder_as_its_checkpoint(tmp_path, tiny_checkpoint, shapes_data, capsys, monkeypatch):
+    """ask, answer, eval, serve and chat read a `llava-gm export --format llava-gm` folder as they read the checkpoint
+    it came from: the same answers, and the folder's name as the model id."""
+    import io
+    import json
+
+    import httpx
+    import uvicorn
+
+    from llava_gm.eval import samples
+
+    export = tmp_path / "my-export"
+    assert main(["export", "--checkpoint", tiny_checkpoint, "--format", "llava-gm", "--output", str(export)]) == 0
+    capsys.readouterr()
+    image = shapes_data.parent / "images" / "0.png"
+
+    def ask(ckpt):
+        assert main(["ask", "--checkpoint", ckpt, "--image", str(image), "--question", QUESTION, "--max-new-tokens", "5"]) == 0
+        return capsys.readouterr().out
+
+    assert ask(str(export)) == ask(tiny_checkpoint)
+
+    questions = tmp_path / "q.jsonl"
+    questions.write_text("".join(json.dumps({"question_id": i, "image": f"{i}.png", "text": QUESTION}) + "\n" for i in range(3)))
+    texts = {}
+    for name, ckpt in (("export", export), ("ckpt", tiny_checkpoint)):
+        out = tmp_path / f"answers-{name}.jsonl"
+        assert main(["answer", "--checkpoint", str(ckpt), "--questions", str(questions), "--image-folder", str(image.parent),
+                     "--output", str(out), "--max-new-tokens", "5"]) == 0
+        rows = [json.loads(line) for line in out.read_text().splitlines()]
+        texts[name] = [r["text"] for r in rows]
+        if name == "export":
+            assert {r["model_id"] for r in rows} == {"my-export"}
+    assert texts["export"] == texts["ckpt"]
+
+    data = samples.write_samples(tmp_path / "samples")["easy_vqa"]
+    results = {}
+    for name, ckpt in (("export", export), ("ckpt", tiny_checkpoint)):
+        out = tmp_path / f"eval-{name}.json"
+        assert main(["eval", "--checkpoint", str(ckpt), "--task", "easy_vqa", "--data", data, "--output", str(out), "--no-progress"]) == 0
+        results[name] = json.loads(out.read_text())["metrics"]
+    assert results["export"] == results["ckpt"]
+    capsys.readouterr()
+
+    served = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: served.setdefault("app", app))  # the app `serve` built, not run
+    assert main(["serve", "--checkpoint", str(export)]) == 0
+    app = served["app"]
+
+    async def chat():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as c:
+            models = (await c.get("/v1/models")).json()
+            body = {"model": "my-export", "messages": [{"role": "user", "content": QUESTION}], "max_tokens": 5, "temperature": 0}
+            return models, (await c.post("/v1/chat/completions", json=body)).json()
+
+    try:
+        models, reply = asyncio.run(chat())
+    finally:
+        app.state.scheduler.stop()
+    assert models["data"][0]["id"] == "my-export"
+    alone = Answerer.from_checkpoint(tiny_checkpoint).answer([{"prompt": QUESTION}], max_new_tokens=5, progress=False)[0]
+    assert reply["choices"][0]["message"]["content"] == alone
+
+    monkeypatch.setattr("sys.stdin", io.StringIO(f"{QUESTION}\n/quit\n"))
+    assert main(["chat", "--checkpoint", str(export), "--max-new-tokens", "5"]) == 0
+    assert alone in capsys.readouterr().out

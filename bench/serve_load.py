@@ -3,7 +3,9 @@ off (off = one request at a time: the baseline), in one run. Prints requests per
 time to first token per setting, the errors, and the throughput ratio batching-on / one-at-a-time.
 
 Each client sends `--requests` chat completions one after another (an image as a data URL and a question,
-greedy, `--max-tokens` new tokens). Each server runs as its own process (`python -m llava_gm serve`); both are up at once and the two settings are
+greedy, `--max-tokens` new tokens). Every request shows a different image (a coloured shape with a marker pixel
+of its own) and one of three questions, so nothing is shared between requests (no tower call or prefill saved by
+equal images); `--same-image` sends the one image and question of the first version of this bench. Each server runs as its own process (`python -m llava_gm serve`); both are up at once and the two settings are
 measured alternately at each client count, so that a noisy host's drift hits both alike.
 
     .venv/bin/python bench/serve_load.py                      # a tiny random model (built in a temp folder)
@@ -79,19 +81,43 @@ async def one_request(client, body) -> tuple[float, float, bool]:
     return time.perf_counter() - t0, first if first is not None else float("nan"), ok
 
 
-async def load(url: str, model: str, clients: int, requests: int, body: dict) -> dict:
+QUESTIONS = ("what color is the shape?", "what shape is in the image?", "is the shape red?")
+
+
+def make_bodies(n: int, max_tokens: int, same_image: bool) -> list[dict]:
+    """n chat completion bodies: each a different image (shape, colour, a marker pixel) and one of QUESTIONS."""
+    import tiny
+    from serve_helpers import data_url
+
+    bodies = []
+    for i in range(n):
+        if same_image:
+            image, question = None, QUESTIONS[0]
+        else:
+            colors = list(tiny.COLORS)
+            image = tiny.draw_shape(colors[i % len(colors)], tiny.SHAPES[(i // len(colors)) % len(tiny.SHAPES)])
+            image.putpixel((i % 32, (i // 32) % 32), (i * 37 % 256, i * 91 % 256, i * 13 % 256))
+            question = QUESTIONS[i % len(QUESTIONS)]
+        bodies.append({"messages": [{"role": "user", "content": [{"type": "text", "text": question},
+                                                                 {"type": "image_url", "image_url": {"url": data_url(image)}}]}],
+                       "max_tokens": max_tokens, "temperature": 0, "stream": True})
+    return bodies
+
+
+async def load(url: str, model: str, clients: int, requests: int, body) -> dict:
+    """`body`: one request body for all, or a list of them (request k of client c sends body[(c * requests + k) % len])."""
     import httpx
 
     results = []
-    body = dict(body, model=model)
+    bodies = [dict(b, model=model) for b in (body if isinstance(body, list) else [body])]
 
-    async def client_loop(client):
-        for _ in range(requests):
-            results.append(await one_request(client, body))
+    async def client_loop(client, c):
+        for k in range(requests):
+            results.append(await one_request(client, bodies[(c * requests + k) % len(bodies)]))
 
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=httpx.Limits(max_connections=clients + 4)) as client:
         t0 = time.perf_counter()
-        await asyncio.gather(*[client_loop(client) for _ in range(clients)])
+        await asyncio.gather(*[client_loop(client, c) for c in range(clients)])
         wall = time.perf_counter() - t0
     lat = sorted(r[0] for r in results)
     ttft = sorted(r[1] for r in results if r[1] == r[1])
@@ -107,16 +133,14 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=4, help="requests per client")
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--port", type=int, default=8765)
+    ap.add_argument("--same-image", action="store_true", help="every request the same image and question (shared prefills)")
     a = ap.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     clients = [int(c) for c in a.clients.split(",")]
-    import serve_helpers  # noqa: E402  (tests/: data URL of a drawn shape)
-
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = a.checkpoint or tiny_checkpoint(Path(tmp))
-        body = {"messages": [{"role": "user", "content": [{"type": "text", "text": "what color is the shape?"},
-                                                          {"type": "image_url", "image_url": {"url": serve_helpers.data_url()}}]}],
-                "max_tokens": a.max_tokens, "temperature": 0, "stream": True}
+        body = make_bodies(max(clients) * a.requests, a.max_tokens, a.same_image)
+        load_before = os.getloadavg()
         table = {}
         # both servers up at once, the two settings measured alternately at each client count: a shared, noisy
         # host drifts between minutes, and the ratio should compare like with like
@@ -127,7 +151,7 @@ def main() -> None:
             urls = {b: f"http://127.0.0.1:{a.port + b}" for b in servers}
             model = httpx.get(f"{urls[True]}/v1/models").json()["data"][0]["id"]
             for b in servers:
-                asyncio.run(load(urls[b], model, 1, 2, body))  # warm-up
+                asyncio.run(load(urls[b], model, 1, 2, body[-2:]))  # warm-up
             for c in clients:
                 for b in (False, True):
                     table[(b, c)] = asyncio.run(load(urls[b], model, c, a.requests, body))
@@ -136,7 +160,10 @@ def main() -> None:
                 proc.terminate()
                 proc.wait(timeout=30)
     print(f"# bench/serve_load.py {' '.join(sys.argv[1:])}  ({time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPUs, "
-          f"model: {a.checkpoint or 'tiny random'}, {a.max_tokens} new tokens per answer)")
+          f"model: {a.checkpoint or 'tiny random'}, at most {a.max_tokens} new tokens per answer, "
+          f"{'one image for all' if a.same_image else 'a different image per request'})")
+    print(f"# host load average (1, 5, 15 min) before {' '.join(f'{x:.2f}' for x in load_before)}, after "
+          f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print(f"{'batching':>9} {'clients':>7} {'reqs':>5} {'errors':>6} {'req/s':>7} {'p50 s':>7} {'p99 s':>7} {'ttft p50':>9} {'ttft p99':>9}")
     for (batching, c), r in sorted(table.items()):
         print(f"{'on' if batching else 'off':>9} {c:>7} {r['requests']:>5} {r['errors']:>6} {r['req_per_s']:>7.2f} {r['p50_s']:>7.3f} "

@@ -56,16 +56,37 @@ def test_greedy_head_is_the_exact_argmax(calibrate):
     if calibrate:
         assert set(loud.tolist()) <= set(greedy.outliers.tolist())  # the loud channels were found
     for trial in range(40):
+        rows = (1, 2, 5)[trial % 3 if trial % 2 else (trial // 2) % 3]  # one row: the 4-bit screen; several: the bf16 one
         if trial % 3 == 0:
-            h = torch.randn(2, 640) * 3
+            h = torch.randn(rows, 640) * 3
         elif trial % 3 == 1:
-            h = w[torch.randint(0, 4096, (2,))].float() * 40 + torch.randn(2, 640)
+            h = w[torch.randint(0, 4096, (rows,))].float() * 40 + torch.randn(rows, 640)
         else:
-            h = _planted(640, 2, loud, trial) * 0.3
-        h = h.bfloat16()
-        assert torch.equal(greedy(h), (h.float() @ w.float().t()).argmax(-1))
-    assert 0 < greedy.screened < 40 * 2 * 4096  # it screened: fewer words scored exactly than the vocabulary
-    assert int(greedy(torch.zeros(1, 640, dtype=torch.bfloat16))[0]) == 0  # all tied: the lowest id
+            h = _planted(640, rows, loud, trial) * 0.3
+        for h in (h.bfloat16(), h):  # the model's bf16 states, and fp32 ones (their rounding to bf16 is part of the bound)
+            assert torch.equal(greedy(h), (h.float() @ w.float().t()).argmax(-1))
+    assert 0 < greedy.screened < 40 * 2 * 5 * 4096  # it screened: fewer words scored exactly than the vocabulary
+    for rows in (1, 3):
+        assert greedy(torch.zeros(rows, 640, dtype=torch.bfloat16)).tolist() == [0] * rows  # all tied: the lowest id
+
+
+def test_a_batch_picks_what_each_row_picks_alone_ties_included():
+    """The bf16 screen of several rows and the 4-bit screen of one give the same token, exact ties (duplicate
+    words) going to the lowest id in both."""
+    torch.manual_seed(1)
+    w = (torch.randn(4096, 640) * 0.03).bfloat16()
+    w[3000], w[3100] = w[17], w[17]  # three identical words
+    head = torch.nn.Linear(640, 4096, bias=False)
+    head.weight.data = w
+    greedy, _ = GreedyHead.build(head, _planted(640, 64, torch.arange(24), 1))
+    h = torch.cat([w[[17, 3000, 3100]].float() * 40, torch.randn(5, 640) * 3]).bfloat16()
+    alone = torch.cat([greedy(h[i : i + 1]) for i in range(len(h))])
+    assert alone[:3].tolist() == [17, 17, 17]
+    for rows in (2, 8):
+        assert torch.equal(greedy(h[:rows]), alone[:rows])
+    screened = greedy.screened
+    greedy(h)
+    assert greedy.screened - screened < 8 * 64  # the bf16 screen leaves few words to score exactly
 
 
 def test_exact_outlier_channels_tighten_the_screen():
@@ -75,6 +96,7 @@ def test_exact_outlier_channels_tighten_the_screen():
     loud = torch.randperm(640)[:24]
     plain, _ = GreedyHead.build(head)
     split, _ = GreedyHead.build(head, _planted(640, 64, loud, 1))
+    plain.FOURBIT_ROWS = split.FOURBIT_ROWS = 4  # the 4-bit screen for these four rows
     h = (_planted(640, 4, loud, 7) * 0.3).bfloat16()
     assert torch.equal(plain(h), split(h))
     assert split.screened * 3 < plain.screened

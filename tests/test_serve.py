@@ -197,6 +197,76 @@ def test_concurrent_requests_batch_and_answer_as_alone(server, answerer):
     assert max(sizes) > 1  # they shared decode steps
 
 
+def test_requests_read_together_share_one_tower_call_and_one_prefill_and_a_bad_one_fails_alone(answerer):
+    """While an idle engine has a request and others are still being read (`arriving`), it waits for them: all are
+    encoded in one vision tower call and prefilled in one batch, and each gets the answer it gets alone. A request
+    that arrives alone waits for nothing; a request the engine refuses fails alone, the others of its group go on."""
+    from llava_gm.engine.core import Sampling, Sequence
+    from llava_gm.serve.scheduler import Job, Scheduler
+
+    questions = ["what color is the shape?", "what is the shape?", "is it red?"]
+    images = [tiny.draw_shape(c, s) for c, s in [("red", "circle"), ("blue", "triangle"), ("green", "rectangle")]]
+    alone = [answerer.answer([{"prompt": q, "image": im}], max_new_tokens=5, progress=False)[0] for q, im in zip(questions, images)]
+    towers, prefills = [], []
+    real_features, real_prefill = answerer.image_features, answerer.engine.prefill
+    answerer.image_features = lambda ims, **kw: towers.append(len(ims)) or real_features(ims, **kw)
+    answerer.engine.prefill = lambda seqs: prefills.append(len(seqs)) or real_prefill(seqs)
+    scheduler = Scheduler(answerer, max_batch=8, admit_wait=30.0).start()
+
+    def job(q, image, loop):
+        prompt = answerer.encoder.encode_prompt([{"role": "user", "content": f"<image>\n{q}" if image is not None else q}])
+        return Job(Sequence(prompt, image_key=id(image) if image is not None else None, sampling=Sampling(max_tokens=5)), image, loop)
+
+    async def result(j):
+        kind, value = await asyncio.wait_for(_last_event(j), 60)
+        return value.text if kind == "done" else value
+
+    async def run():
+        loop = asyncio.get_running_loop()
+        readers = [scheduler.arriving() for _ in questions]
+        for r in readers:  # three handlers start reading at once ...
+            r.__enter__()
+        jobs = [job(q, im, loop) for q, im in zip(questions, images)]
+        for r, j in zip(readers, jobs):  # ... and finish one after another
+            await asyncio.sleep(0.2)
+            scheduler.submit(j)
+            r.__exit__(None, None, None)
+        grouped = [await result(j) for j in jobs]
+        t0 = time.perf_counter()
+        lone = job(questions[0], images[0], loop)
+        scheduler.submit(lone)
+        lone_text, lone_s = await result(lone), time.perf_counter() - t0
+        # a prompt with an <image> slot but no image: the engine refuses it; it is admitted with two good ones
+        bad = job(questions[1], None, loop)
+        bad.seq.prompt = jobs[1].seq.prompt
+        mixed = [job(questions[0], images[0], loop), bad, job(questions[2], images[2], loop)]
+        readers = [scheduler.arriving() for _ in mixed]
+        for r in readers:
+            r.__enter__()
+        for r, j in zip(readers, mixed):
+            scheduler.submit(j)
+            r.__exit__(None, None, None)
+        return grouped, lone_text, lone_s, [await result(j) for j in mixed]
+
+    try:
+        grouped, lone_text, lone_s, mixed = asyncio.run(run())
+    finally:
+        scheduler.stop()
+        answerer.image_features, answerer.engine.prefill = real_features, real_prefill
+    assert grouped == alone
+    assert towers[0] == 3 and prefills[0] == 3  # one tower call, one prefill for the three
+    assert lone_text == alone[0] and lone_s < 30  # alone: admitted at once, not after the 30 s admission limit
+    assert mixed[0] == alone[0] and mixed[2] == alone[2]
+    assert "generation failed" in mixed[1].message and mixed[1].status == 500
+
+
+async def _last_event(job):
+    while True:
+        kind, value = await job.events.get()
+        if kind in ("done", "error"):
+            return kind, value
+
+
 def test_a_client_that_leaves_frees_its_row(server, answerer):
     url, app = server
     scheduler = app.state.scheduler

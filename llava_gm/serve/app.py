@@ -35,11 +35,12 @@ class ServerOptions:
     batching: bool = True  # False: one request at a time (the baseline of bench/serve_load.py)
     max_body_bytes: int = 16 * 2**20
     default_max_tokens: int = 256  # when a request names none (and the context has room)
+    admit_wait: float = 0.05  # seconds an idle engine waits for requests still being read to join the first (scheduler.py)
 
 
 def create_app(answerer, options: Optional[ServerOptions] = None) -> FastAPI:
     options = options or ServerOptions(ImagePolicy())
-    scheduler = Scheduler(answerer, options.max_batch, options.max_queue, options.batching).start()
+    scheduler = Scheduler(answerer, options.max_batch, options.max_queue, options.batching, options.admit_wait).start()
     model_id = answerer.model_id
     tokenizer = answerer.model.tokenizer
     context = int(getattr(answerer.model.lm.config.get_text_config(), "max_position_embeddings", 0) or 8192)
@@ -115,14 +116,15 @@ def create_app(answerer, options: Optional[ServerOptions] = None) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
-        req = parse_request(await _read_json(request, options.max_body_bytes), max_tokens_cap=context)
-        if req.model != model_id:
-            raise ApiError(404, f"model {req.model!r} not found; this server serves {model_id!r}", "model", "model_not_found")
-        job = await _job(req)
-        try:
-            scheduler.submit(job)
-        except QueueFull:
-            raise ApiError(503, f"the server is busy ({options.max_queue} requests waiting); retry shortly", None, "queue_full") from None
+        with scheduler.arriving():  # requests read together are admitted together (scheduler.py)
+            req = parse_request(await _read_json(request, options.max_body_bytes), max_tokens_cap=context)
+            if req.model != model_id:
+                raise ApiError(404, f"model {req.model!r} not found; this server serves {model_id!r}", "model", "model_not_found")
+            job = await _job(req)
+            try:
+                scheduler.submit(job)
+            except QueueFull:
+                raise ApiError(503, f"the server is busy ({options.max_queue} requests waiting); retry shortly", None, "queue_full") from None
         meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_id}
         if req.stream:
             return StreamingResponse(_stream(job, req, meta), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})

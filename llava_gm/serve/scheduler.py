@@ -1,10 +1,15 @@
 """Continuous batching: one thread owns the engine and runs it step by step; requests wait in a bounded queue.
 
-Between two decode steps the thread takes the requests that arrived (up to `max_batch` rows in all), prefills
-them as one batch and joins them to the running one, so a new request starts at the next step rather than after
-the running answers end (the engine's rows are independent: joining changes no answer). A finished or
-cancelled row leaves at the step that finishes it. With `batching=False` one request runs at a time (the
-baseline bench/serve_load.py compares against).
+Between two decode steps the thread takes the requests that arrived (up to `max_batch` rows in all), runs their
+images through the vision tower in one call, prefills them as one batch and joins them to the running one, so a
+new request starts at the next step rather than after the running answers end (the engine's rows are
+independent: joining changes no answer). A finished or cancelled row leaves at the step that finishes it. With
+`batching=False` one request runs at a time (the baseline bench/serve_load.py compares against).
+
+Admission in a group: when nothing is running and a request is waiting while others are still being read and
+checked by the HTTP handlers (`arriving`), the thread waits for them, at most `admit_wait` seconds, so that
+requests sent together are prefilled together (one tower call, one prefill) instead of the first alone and the
+rest a step later. A request that arrives alone waits for nothing.
 
 Each request's events reach its handler on the event loop: ("text", piece), then ("done", sequence) or
 ("error", ApiError).
@@ -14,7 +19,9 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Optional
@@ -42,12 +49,14 @@ class Job:
 
 
 class Scheduler:
-    def __init__(self, answerer, max_batch: int = 16, max_queue: int = 64, batching: bool = True):
+    def __init__(self, answerer, max_batch: int = 16, max_queue: int = 64, batching: bool = True, admit_wait: float = 0.05):
         self.answerer = answerer
         self.engine = answerer.engine
         self.engine.trace_experts = bool(answerer.model.sparse_layers)  # the page shows them; cheap hooks per step
         self.max_batch = max_batch if batching else 1
         self.max_queue = max_queue
+        self.admit_wait = admit_wait
+        self.incoming = 0  # requests whose handlers are reading and checking them (not yet submitted or refused)
         self.pending: deque[Job] = deque()
         self.jobs: dict[Sequence, Job] = {}  # running rows -> their requests
         self.running: Optional[Batch] = None
@@ -74,6 +83,18 @@ class Scheduler:
             self.pending.append(job)
             self.cond.notify()
 
+    @contextlib.contextmanager
+    def arriving(self):
+        """Around a request handler's reading, checking and `submit`: the engine thread knows more may come."""
+        with self.cond:
+            self.incoming += 1
+        try:
+            yield
+        finally:
+            with self.cond:
+                self.incoming -= 1
+                self.cond.notify()
+
     def run_exclusive(self, fn) -> concurrent.futures.Future:
         """Run fn() on the engine thread between two decode steps (it may use the model freely: sparse layers'
         masks, gradients); its result or exception comes back through the future."""
@@ -99,6 +120,13 @@ class Scheduler:
             while self.running is None and not self.pending and not self.tasks and not self.stopping:
                 self.cond.wait()
             room = self.max_batch - len(self.jobs)
+            if self.running is None and self.pending and not self.tasks:  # gather the requests sent together
+                deadline = time.monotonic() + self.admit_wait
+                while self.incoming > 0 and len(self.pending) < room and not self.stopping:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self.cond.wait(left)
             return [self.pending.popleft() for _ in range(min(room, len(self.pending)))]
 
     def _loop(self) -> None:
@@ -121,14 +149,28 @@ class Scheduler:
             job.emit("error", error)
             self.jobs.pop(job.seq, None)
 
+    def _encode(self, jobs: list[Job]) -> None:
+        """The jobs' images through the vision tower in one call (one row per distinct image)."""
+        keys = {}
+        for job in jobs:
+            if job.image is not None:
+                keys.setdefault(job.seq.image_key if job.seq.image_key is not None else id(job), job.image)
+        feats = self.answerer.image_features(list(keys.values()))
+        by_key = dict(zip(keys, (feats[i] for i in range(len(keys)))))
+        for job in jobs:
+            if job.image is not None:
+                job.seq.image = by_key[job.seq.image_key if job.seq.image_key is not None else id(job)]
+                job.image = None
+
     def _prefill(self, jobs: list[Job]) -> None:
         try:
-            for job in jobs:
-                if job.image is not None:
-                    job.seq.image = self.answerer.image_features([job.image])[0]
-                    job.image = None
+            self._encode(jobs)
             batch = self.engine.prefill([job.seq for job in jobs])
-        except Exception as e:  # a bad request slipped through the checks: it fails, the others go on
+        except Exception as e:
+            if len(jobs) > 1:  # a bad request slipped through the checks: it fails alone, the others go on
+                for job in jobs:
+                    self._prefill([job])
+                return
             self._fail(jobs, e)
             return
         self.jobs.update((job.seq, job) for job in jobs)

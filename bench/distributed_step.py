@@ -5,7 +5,7 @@ Each run is one training stage in its own process(es): `llava-gm train` (1 proce
 is the training loop's tokens/s (median over its steps after the first, from the run's train_log.json, so start-up
 is not counted). Runs go 1, ddp, fsdp, 1, ddp, fsdp ... and medians are compared, because the machine is shared.
 
-    python bench/distributed_step.py [--model offline|tiny] [--stage align|instruct] [--samples 96] [--batch 16] [--rounds 2]
+    python bench/distributed_step.py [--model offline|tiny] [--stage align|instruct] [--samples 96] [--batch 16] [--rounds 2] [--threads T]
 
 --model offline: the offline recipe (Gemma 3 270M + DINOv2-S) on easy-VQA; --model tiny: the tests' tiny Gemma 3 and
 DINOv2 (tests/tiny.py) on their coloured shapes (seconds a run; the ratios then show fixed costs, not a big model's).
@@ -34,7 +34,8 @@ def launcher(procs: int) -> list[str]:
 
 
 def run(procs: int, strategy: str, out: Path, a, tiny: dict) -> float:
-    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // procs)), "PYTHONPATH": str(ROOT)}
+    threads = a.threads or max(1, (os.cpu_count() or 2) // procs)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(ROOT)}
     if tiny:
         job = Path(str(out) + ".json")
         job.write_text(json.dumps({**tiny, "output": str(out / a.stage), "strategy": strategy}))
@@ -73,6 +74,9 @@ def main():
     ap.add_argument("--samples", type=int, default=96)
     ap.add_argument("--batch", type=int, default=16, help="global batch (each of 2 processes takes half)")
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=0,
+                    help="threads per process (default: the cores split between the processes; 1 on a busy shared host, where "
+                         "spinning OpenMP threads that wait for descheduled ones make a 2-thread process slower than 1)")
     a = ap.parse_args()
     results = {s: [] for s in SETTINGS}
     with tempfile.TemporaryDirectory() as tmp:
@@ -84,7 +88,8 @@ def main():
                 results[procs, strategy].append(run(procs, strategy, Path(tmp) / f"{procs}-{strategy}-{r}", a, tiny))
     med = {s: statistics.median(v) for s, v in results.items()}
     what = "offline recipe (Gemma 3 270M + DINOv2-S)" if a.model == "offline" else "tests' tiny model"
-    print(f"{what}, stage {a.stage}, global batch {a.batch}, {a.samples} samples, {os.cpu_count()} cores split between the processes")
+    print(f"{what}, stage {a.stage}, global batch {a.batch}, {a.samples} samples, {os.cpu_count()} cores, "
+          f"{a.threads or 'the cores split between the processes as'} thread(s) a process")
     for (procs, strategy), v in results.items():
         label = "1 process" if procs == 1 else f"{procs} processes ({strategy.upper()})"
         print(f"{label:22s}: {med[procs, strategy]:8.0f} tok/s  runs {[round(x) for x in v]}")

@@ -40,3 +40,15 @@ def test_words_alone_need_a_word_loss(tmp_path, word_config, shapes_data):
     stage = StageConfig(name="align", data=str(shapes_data), batch_size=8, word_loss=0.0, lm_loss=0.0)
     with pytest.raises(LlavaGMError, match="lm_loss: 0"):
         run_stage(stage, tmp_path / "a", model_cfg=word_config, **QUIET)
+
+
+def test_the_memory_plan_of_words_alone_holds_no_language_model_activations(word_config):
+    from llava_gm.analysis.plan import Setup, plan_recipe
+    from llava_gm.config import RecipeConfig
+
+    setup = Setup(gpus=1, features="cache", batch_size=4, seq_len=96, label_tokens=24)
+    with_lm, alone = (plan_recipe(RecipeConfig(model=word_config, stages=[StageConfig(name="align", word_loss=1.0, lm_loss=w)]), setup)[0]
+                      for w in (1.0, 0.0))
+    # what is held is the projector's input and output: a few kB, against the LM's layers and vocabulary head
+    assert 0 < alone.bytes["activations"] < 0.01 * with_lm.bytes["activations"]
+    assert alone.bytes["weights"] == with_lm.bytes["weights"] and alone.peak < with_lm.peak

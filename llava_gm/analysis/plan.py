@@ -442,6 +442,10 @@ class StageModel:
         T = self.seq_len
         tokens = batch * T
         resid = FP32 if self.regime.resid_fp32 else BF16
+        projector = batch * self.image_tokens * BF16 * (self.meta.vision_dim + 3 * text.hidden_size)
+        features = batch * self.meta.vision_tokens * self.meta.vision_dim * BF16
+        if not self.stage.lm_loss:  # the word loss alone: no LM forward, only the projector's activations
+            return [0.0] * len(self.layer_regimes), projector + features, 0.0
         per_layer = []
         for i, r in enumerate(self.layer_regimes):
             if i < self.first_needed:
@@ -457,8 +461,6 @@ class StageModel:
         vocab = text.vocab_size
         head = batch * labels * (HEAD_SAVED * vocab + BF16 * text.hidden_size)
         final_norm = tokens * (FP32 + FP32 + BF16) * text.hidden_size
-        projector = batch * self.image_tokens * BF16 * (self.meta.vision_dim + 3 * text.hidden_size)
-        features = batch * self.meta.vision_tokens * self.meta.vision_dim * BF16
         other = head + final_norm + projector + features + biggest
         transient = batch * labels * HEAD_BACKWARD * vocab
         return per_layer, other, transient

@@ -232,6 +232,8 @@ def test_requests_read_together_share_one_tower_call_and_one_prefill_and_a_bad_o
             scheduler.submit(j)
             r.__exit__(None, None, None)
         grouped = [await result(j) for j in jobs]
+        scheduler.admit_wait = 0.5  # three rows just finished: a lone request waits at most this long for two more
+        await asyncio.sleep(0.6)
         t0 = time.perf_counter()
         lone = job(questions[0], images[0], loop)
         scheduler.submit(lone)

@@ -9,7 +9,9 @@ independent: joining changes no answer). A finished or cancelled row leaves at t
 Admission in a group: when nothing is running and a request is waiting while others are still being read and
 checked by the HTTP handlers (`arriving`), the thread waits for them, at most `admit_wait` seconds, so that
 requests sent together are prefilled together (one tower call, one prefill) instead of the first alone and the
-rest a step later. A request that arrives alone waits for nothing.
+rest a step later. Likewise right after a step finished the last n rows: until `admit_wait` after it, the thread
+waits for up to n requests (clients that send their next request as soon as an answer ends come back together).
+A request that arrives alone, at any other time, waits for nothing.
 
 Each request's events reach its handler on the event loop: ("text", piece), then ("done", sequence) or
 ("error", ApiError).
@@ -57,6 +59,7 @@ class Scheduler:
         self.max_queue = max_queue
         self.admit_wait = admit_wait
         self.incoming = 0  # requests whose handlers are reading and checking them (not yet submitted or refused)
+        self.last_finished, self.finished_at = 0, 0.0  # rows finished by the step that emptied the batch, and when
         self.pending: deque[Job] = deque()
         self.jobs: dict[Sequence, Job] = {}  # running rows -> their requests
         self.running: Optional[Batch] = None
@@ -121,12 +124,16 @@ class Scheduler:
                 self.cond.wait()
             room = self.max_batch - len(self.jobs)
             if self.running is None and self.pending and not self.tasks:  # gather the requests sent together
-                deadline = time.monotonic() + self.admit_wait
-                while self.incoming > 0 and len(self.pending) < room and not self.stopping:
-                    left = deadline - time.monotonic()
-                    if left <= 0:
+                now = time.monotonic()
+                reading_until = now + self.admit_wait  # handlers still reading
+                # rows that emptied the batch just now: their clients (8 clients in a loop) are likely sending again
+                back, back_until = self.last_finished, self.finished_at + self.admit_wait
+                while len(self.pending) < room and not self.stopping:
+                    now = time.monotonic()
+                    waits = [t for t, on in ((reading_until, self.incoming > 0), (back_until, len(self.pending) + self.incoming < back)) if on and t > now]
+                    if not waits:
                         break
-                    self.cond.wait(left)
+                    self.cond.wait(max(waits) - now)
             return [self.pending.popleft() for _ in range(min(room, len(self.pending)))]
 
     def _loop(self) -> None:
@@ -198,3 +205,5 @@ class Scheduler:
             if seq.finish_reason:
                 job.emit("done", seq)
                 del self.jobs[seq]
+        if self.running is None:
+            self.last_finished, self.finished_at = len(seqs), time.monotonic()

@@ -366,3 +366,20 @@ def test_every_expert_takes_part_and_activation_checkpointing_changes_no_gradien
     again, again_aux = _grads(lm, x, mask, mask.any(1))
     assert plain_aux == again_aux and plain.keys() == again.keys()
     assert all(torch.equal(plain[n], again[n]) for n in plain)
+
+
+def test_fsdp_trains_a_word_token_projector_as_one_process_does(tmp_path, tiny_model_config, shapes_data):
+    """The word-token projector has a 0-d parameter (its logit scale), which fully_shard refuses: it trains as shape
+    [1] under FSDP and is a scalar again in the checkpoint; losses and weights as in the 2-vs-1 test above."""
+    cfg = dataclasses.replace(tiny_model_config, projector=dataclasses.replace(tiny_model_config.projector, pool=2, word_tokens=True))
+    align = run_stage(StageConfig(name="align", data=str(shapes_data), lr=1e-2, batch_size=8, word_loss=1.0, lm_loss=0.0,
+                                  precision="fp32"), tmp_path / "align", model_cfg=cfg, **QUIET)
+    stage = StageConfig(name="instruct", data=str(shapes_data), lr=3e-3, projector_lr=1e-2, batch_size=8, epochs=1,
+                        precision="fp32", max_samples=16)
+    one = run_stage(stage, tmp_path / "one", init=align["checkpoint"], **QUIET)
+    two = _torchrun({"stage": to_dict(stage), "output": str(tmp_path / "two"), "init": align["checkpoint"], "strategy": "fsdp"},
+                    tmp_path, "words.json")
+    _compare(one, two, 1e-5, 1e-5)
+    before, after = _weights(align["checkpoint"]), _weights(two["checkpoint"])
+    key = "projector.word_logit_scale"
+    assert after[key].ndim == 0 and float(after[key]) != float(before[key])

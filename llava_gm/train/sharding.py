@@ -70,6 +70,14 @@ def shard(model, policy) -> None:
         fully_shard(layer, mp_policy=mp)
     tower = getattr(model, "vision_tower", None)
     ignored = set(tower.parameters()) if isinstance(tower, nn.Module) else None
+    # fully_shard refuses 0-d parameters (the word-token projector's logit scale): they train as shape [1] and
+    # become scalars again in gather_weights, so checkpoints look as from one process
+    model._fsdp_scalars = []
+    for module in model.modules():
+        for name, p in list(module._parameters.items()):
+            if p is not None and p.ndim == 0 and not (ignored and p in ignored):
+                module._parameters[name] = nn.Parameter(p.detach().reshape(1), requires_grad=p.requires_grad)
+                model._fsdp_scalars.append((module, name))
     fully_shard(model, mp_policy=mp, ignored_params=ignored)
 
 
@@ -110,3 +118,6 @@ def gather_weights(model) -> None:
                 if id(p) not in done:  # a tied weight (embeddings and head) is one parameter in two modules
                     done[id(p)] = nn.Parameter(p.full_tensor().detach().clone(), requires_grad=p.requires_grad)
                 module._parameters[name] = done[id(p)]
+    for module, name in getattr(model, "_fsdp_scalars", []):
+        p = module._parameters[name]
+        module._parameters[name] = nn.Parameter(p.detach().reshape(()), requires_grad=p.requires_grad)

@@ -225,6 +225,27 @@ def test_two_processes_match_one_with_the_same_global_batch_dense_and_moe(tmp_pa
     _compare(one_moe, two, 1e-5, 1e-4)
 
 
+def _wait_for_lock_release(lock: Path, seconds: float = 120) -> None:
+    """A killed job's output lock is free once every process holding it has exited (a CI run once saw the resume
+    refused as "another llava-gm train is writing" just after the ranks were reaped): wait for it, naming the holder."""
+    import fcntl
+
+    deadline = time.time() + seconds
+    while True:
+        fd = os.open(lock, os.O_RDWR)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            holder = os.read(fd, 64).decode(errors="replace").strip()
+        finally:
+            os.close(fd)
+        if time.time() > deadline:
+            cmd = Path(f"/proc/{holder}/cmdline").read_bytes().replace(b"\0", b" ") if Path(f"/proc/{holder}").exists() else b"(gone)"
+            raise AssertionError(f"the killed job's lock is still held (pid {holder}: {cmd!r})")
+        time.sleep(0.1)
+
+
 def test_killed_two_process_fsdp_run_resumes_to_the_uninterrupted_weights(tmp_path, tiny_model_config, shapes_data):
     """SIGKILL the whole torchrun job (launcher and both ranks) after its second step checkpoint and resume it under
     torchrun with FSDP: every step's losses within 1e-5 (relative) and the final weights within 1e-5 of an
@@ -254,6 +275,7 @@ def test_killed_two_process_fsdp_run_resumes_to_the_uninterrupted_weights(tmp_pa
         while Path(f"/proc/{pid}").exists() and "Z" not in Path(f"/proc/{pid}/stat").read_text().split()[2]:
             time.sleep(0.05)
     assert [p.name for p in sorted(steps.glob("step-*"))] == ["step-00000001", "step-00000002"] and not out.exists()
+    _wait_for_lock_release(steps / "lock")
     with pytest.raises(LlavaGMError, match=r"saved by a run with --strategy fsdp on 2 process\(es\); resume it with --strategy fsdp"):
         run_stage(stage, out, model_cfg=tiny_model_config, resume=True, **QUIET)
     resumed = _torchrun({**base, "output": str(out), "save_every": 1, "resume": True}, tmp_path, "resume.json")

@@ -208,7 +208,7 @@ def train_loop(model, stage: StageConfig, dataset: StageDataset, trainable: list
                 targets, lm_sum = all_sum([batch["targets"], lm * batch["targets"]], ranks)
                 if model.sparse_layers:  # balance and z losses over all ranks' routing, as on one process
                     out.aux = {**out.aux, **global_aux_losses(model.lm, lambda t: _all_reduce(t, ranks), ranks.world)}
-                loss = out.lm_loss * (batch["targets"] * ranks.world / targets) + sum(out.aux.values(), torch.zeros((), device=device))
+                loss = stage.lm_loss * out.lm_loss * (batch["targets"] * ranks.world / targets) + sum(out.aux.values(), torch.zeros((), device=device))
                 lm = lm_sum / targets
             if sparse_params:
                 loss = loss + sum(p.sum() for p in sparse_params) * 0.0

@@ -68,21 +68,27 @@ def prepare_stage(model, stage) -> list[str]:
     return trainable
 
 
-def measure_training_peak(model, stage, batch: int, seq_len: int, label_tokens: int, steps: int = 2) -> dict:
+def measure_training_peak(model, stage, batch: int, seq_len: int, label_tokens: int, steps: int = 2, ddp: bool = False) -> dict:
     """Peak bytes of `steps` training steps of `stage` (model already prepared with prepare_stage; the vision tower,
-    if attached, is left out: training reads cached features)."""
+    if attached, is left out: training reads cached features). `ddp`: under torchrun, this rank's peak with the model
+    wrapped in DistributedDataParallel (its gradient buckets are allocated inside the measurement)."""
     params = [p for n, p in model.named_parameters() if p.requires_grad]
     weights = sum(p.untyped_storage().nbytes() for n, p in model.named_parameters() if not n.startswith("vision_tower."))
     data = [synthetic_batch(model, batch, seq_len, label_tokens, seed=s) for s in range(steps)]
     model.train()
     with LiveBytes() as meter:
+        net = model
+        if ddp:
+            from torch.nn.parallel import DistributedDataParallel
+
+            net = DistributedDataParallel(model, broadcast_buffers=False, init_sync=False)
         decay = [p for p in params if p.ndim >= 2]
         rest = [p for p in params if p.ndim < 2]
         opt = torch.optim.AdamW([g for g in ({"params": decay, "weight_decay": 0.01}, {"params": rest, "weight_decay": 0.0}) if g["params"]],
                                 lr=1e-5, fused=True)
         for b in data:
             with torch.autocast("cpu", dtype=torch.bfloat16):
-                out = model(**b, word_loss=stage.word_loss)
+                out = net(**b, word_loss=stage.word_loss)
             out.loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()

@@ -1,6 +1,6 @@
-"""One rank of `llava-gm plan` against measured memory on 2 processes (DDP, gloo): run under torchrun.
+"""One rank of `llava-gm plan` against measured memory on 2 processes (DDP or FSDP2, gloo): run under torchrun.
 
-usage: python tests/plan_child.py JOB.json   (JOB: model, stage, batch, seq_len, labels)
+usage: python tests/plan_child.py JOB.json   (JOB: model, stage, batch, seq_len, labels, strategy ddp|fsdp)
 Rank 0 prints one JSON line: the plan's and the measured per-rank peak.
 """
 
@@ -25,8 +25,10 @@ def main(job_file: str) -> int:
     model = build_model(cfg)
     model.vision_tower = None
     prepare_stage(model, stage)
-    measured = measure_training_peak(model, stage, job["batch"], job["seq_len"], job["labels"], ddp=True)
-    setup = Setup(gpus=dist.get_world_size(), strategy="ddp", features="cache", batch_size=job["batch"], seq_len=job["seq_len"],
+    strategy = job.get("strategy", "ddp")
+    measured = measure_training_peak(model, stage, job["batch"], job["seq_len"], job["labels"], ddp=strategy == "ddp",
+                                     fsdp=strategy == "fsdp")
+    setup = Setup(gpus=dist.get_world_size(), strategy=strategy, features="cache", batch_size=job["batch"], seq_len=job["seq_len"],
                   label_tokens=job["labels"])
     plan = plan_recipe(RecipeConfig(model=cfg, stages=[stage]), setup)[0]
     if dist.get_rank() == 0:

@@ -83,10 +83,12 @@ def test_unknown_backbone_is_one_clear_error(tmp_path, capsys):
     assert "someone/unknown-lm" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("stage", [StageConfig(name="align"), StageConfig(name="instruct", train_embeddings=False)], ids=["align", "instruct"])
-def test_plan_matches_measured_peak_on_two_ddp_processes(tmp_path, tiny_model_config, stage):
-    """Each of 2 DDP processes (gloo) holds the plan's per-GPU peak within 15%: its gradient buckets (a second fp32
-    copy of the gradients) included."""
+@pytest.mark.parametrize("stage,strategy", [(StageConfig(name="align"), "ddp"), (StageConfig(name="instruct", train_embeddings=False), "ddp"),
+                                            (StageConfig(name="instruct", train_embeddings=False), "fsdp")],
+                         ids=["align-ddp", "instruct-ddp", "instruct-fsdp"])
+def test_plan_matches_measured_peak_on_two_processes(tmp_path, tiny_model_config, stage, strategy):
+    """Each of 2 processes (gloo) holds the plan's per-GPU peak within 15%: DDP with its gradient buckets (a second
+    fp32 copy of the gradients), FSDP2 with its shards and the layers it gathers."""
     import os
     import subprocess
     import sys
@@ -95,7 +97,8 @@ def test_plan_matches_measured_peak_on_two_ddp_processes(tmp_path, tiny_model_co
     from llava_gm.config import to_dict
 
     job = tmp_path / "job.json"
-    job.write_text(json.dumps({"model": to_dict(tiny_model_config), "stage": to_dict(stage), "batch": B, "seq_len": T, "labels": LABELS}))
+    job.write_text(json.dumps({"model": to_dict(tiny_model_config), "stage": to_dict(stage), "batch": B, "seq_len": T, "labels": LABELS,
+                               "strategy": strategy}))
     root = Path(__file__).parent.parent
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            str(Path(__file__).parent / "plan_child.py"), str(job)], capture_output=True, text=True, timeout=300,

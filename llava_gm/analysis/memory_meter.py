@@ -18,6 +18,10 @@ from torch.utils._pytree import tree_flatten
 from ..data.conversation import IGNORE_INDEX, IMAGE_TOKEN_ID
 
 
+def _plain(t) -> bool:
+    return isinstance(t, torch.Tensor) and not hasattr(t, "_local_tensor")
+
+
 class LiveBytes(TorchDispatchMode):
     def __init__(self):
         super().__init__()
@@ -31,9 +35,10 @@ class LiveBytes(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         # views and in-place results share an input's storage: nothing new (and not ours if it predates the meter)
-        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
+        # (tensor subclasses without storage of their own, FSDP's DTensors, are skipped: their local ops come here too)
+        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0] if _plain(t)}
         for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor) and t.device.type != "meta":
+            if _plain(t) and t.device.type != "meta":
                 st = t.untyped_storage()
                 key = st.data_ptr()
                 if st.nbytes() and key not in self.live and key not in inputs:
@@ -68,12 +73,23 @@ def prepare_stage(model, stage) -> list[str]:
     return trainable
 
 
-def measure_training_peak(model, stage, batch: int, seq_len: int, label_tokens: int, steps: int = 2, ddp: bool = False) -> dict:
+def measure_training_peak(model, stage, batch: int, seq_len: int, label_tokens: int, steps: int = 2, ddp: bool = False,
+                          fsdp: bool = False) -> dict:
     """Peak bytes of `steps` training steps of `stage` (model already prepared with prepare_stage; the vision tower,
-    if attached, is left out: training reads cached features). `ddp`: under torchrun, this rank's peak with the model
-    wrapped in DistributedDataParallel (its gradient buckets are allocated inside the measurement)."""
+    if attached, is left out: training reads cached features). Under torchrun, this rank's peak: `ddp` wraps the
+    model in DistributedDataParallel (its gradient buckets are allocated inside the measurement); `fsdp` shards it
+    as the trainer does (FSDP2, bf16 gathering, fp32 reduction) and counts the rank's shards as its weights."""
+    if fsdp:
+        from ..train.precision import TrainPrecision
+        from ..train.sharding import shard
+
+        shard(model, TrainPrecision(compute=torch.bfloat16, frozen=torch.bfloat16))
     params = [p for n, p in model.named_parameters() if p.requires_grad]
-    weights = sum(p.untyped_storage().nbytes() for n, p in model.named_parameters() if not n.startswith("vision_tower."))
+
+    def local(p):
+        return getattr(p, "_local_tensor", p).untyped_storage().nbytes()
+
+    weights = sum(local(p) for n, p in model.named_parameters() if not n.startswith("vision_tower."))
     data = [synthetic_batch(model, batch, seq_len, label_tokens, seed=s) for s in range(steps)]
     model.train()
     with LiveBytes() as meter:

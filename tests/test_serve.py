@@ -290,6 +290,22 @@ def test_a_client_that_leaves_frees_its_row(server, answerer):
     assert scheduler.load()["running"] == 0
 
 
+def test_a_request_cancelled_before_it_runs_ends_cancelled():
+    # a grouped admission may hold a request in the queue for ~50 ms: a client leaving then ends it there
+    import threading
+    from collections import deque
+
+    from llava_gm.engine.core import Sequence
+    from llava_gm.serve.scheduler import Job, Scheduler
+
+    scheduler = Scheduler.__new__(Scheduler)  # the queue logic alone, no engine thread
+    scheduler.cond, scheduler.pending = threading.Condition(), deque()
+    job = Job(Sequence(prompt=[1, 2]), None, asyncio.new_event_loop())
+    scheduler.pending.append(job)
+    scheduler.cancel(job)
+    assert not scheduler.pending and job.seq.cancelled and job.seq.finish_reason == "cancelled"
+
+
 def test_chat_command_streams_and_keeps_the_conversation(random_checkpoint, image_file, monkeypatch, capsys):
     import io
 

@@ -111,8 +111,9 @@ class Scheduler:
         """The client is gone: a waiting request leaves the queue now, a running one at the next step."""
         job.seq.cancelled = True
         with self.cond:
-            if job in self.pending:
+            if job in self.pending:  # never ran: it ends here (a grouped admission may hold a request ~50 ms)
                 self.pending.remove(job)
+                job.seq.finish_reason = "cancelled"
 
     def load(self) -> dict:
         return {"running": len(self.jobs), "queued": len(self.pending), "max_batch": self.max_batch, "max_queue": self.max_queue}

@@ -5,7 +5,7 @@ Each run is one training stage in its own process(es): `llava-gm train` (1 proce
 is the training loop's tokens/s (median over its steps after the first, from the run's train_log.json, so start-up
 is not counted). Runs go 1, ddp, fsdp, 1, ddp, fsdp ... and medians are compared, because the machine is shared.
 
-    python bench/distributed_step.py [--model offline|tiny] [--stage align|instruct] [--samples 96] [--batch 16] [--rounds 2] [--threads T]
+    python bench/distributed_step.py [--model offline|tiny] [--stage instruct|align] [--samples 96] [--batch 16] [--rounds 2] [--threads T]
 
 --model offline: the offline recipe (Gemma 3 270M + DINOv2-S) on easy-VQA; --model tiny: the tests' tiny Gemma 3 and
 DINOv2 (tests/tiny.py) on their coloured shapes (seconds a run; the ratios then show fixed costs, not a big model's).
@@ -70,7 +70,8 @@ def tiny_job(tmp: Path, a) -> dict:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", choices=["offline", "tiny"], default="offline")
-    ap.add_argument("--stage", choices=["align", "instruct"], default="align")
+    ap.add_argument("--stage", choices=["align", "instruct"], default="instruct",
+                    help="the offline recipe's align trains the projector alone (no LM pass): instruct is the one to measure")
     ap.add_argument("--samples", type=int, default=96)
     ap.add_argument("--batch", type=int, default=16, help="global batch (each of 2 processes takes half)")
     ap.add_argument("--rounds", type=int, default=2)
@@ -80,7 +81,8 @@ def main():
     a = ap.parse_args()
     results = {s: [] for s in SETTINGS}
     with tempfile.TemporaryDirectory() as tmp:
-        os.environ.setdefault("LLAVA_GM_CACHE", str(Path(tmp) / "cache")) if a.model == "tiny" else None
+        if a.model == "tiny":
+            os.environ.setdefault("LLAVA_GM_CACHE", str(Path(tmp) / "cache"))
         tiny = tiny_job(Path(tmp), a) if a.model == "tiny" else {}
         run(1, "ddp", Path(tmp) / "warm", a, tiny)  # fills the feature cache, so no run below pays for it
         for r in range(a.rounds):

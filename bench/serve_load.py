@@ -104,12 +104,12 @@ def make_bodies(n: int, max_tokens: int, same_image: bool) -> list[dict]:
     return bodies
 
 
-async def load(url: str, model: str, clients: int, requests: int, body) -> dict:
-    """`body`: one request body for all, or a list of them (request k of client c sends body[(c * requests + k) % len])."""
+async def load(url: str, model: str, clients: int, requests: int, bodies: list[dict]) -> dict:
+    """Request k of client c sends bodies[(c * requests + k) % len(bodies)]."""
     import httpx
 
     results = []
-    bodies = [dict(b, model=model) for b in (body if isinstance(body, list) else [body])]
+    bodies = [dict(b, model=model) for b in bodies]
 
     async def client_loop(client, c):
         for k in range(requests):

@@ -293,25 +293,29 @@ class _new_folder:
         return False
 
 
+def load_model(path):
+    """The LlavaGM of an export folder or of a training checkpoint (what every --checkpoint accepts)."""
+    from .model.build import load_checkpoint
+
+    return load_export(path) if is_export(path) else load_checkpoint(path)
+
+
 def load(path, **answerer_kwargs):
     """`llava_gm.load`: an exported folder (or a training checkpoint) as an Answerer, in one call."""
     from .infer import Answerer
-    from .model.build import checkpoint_hash, load_checkpoint
 
-    path = Path(path)
-    if not path.is_dir():
+    if not Path(path).is_dir():
         raise LlavaGMError(f"{path}: no such model folder (an export of `llava-gm export --format llava-gm` or a checkpoint)")
-    model = load_export(path) if is_export(path) else load_checkpoint(path)
-    return Answerer(model, model_id=path.name, checkpoint_hash=checkpoint_hash(path), **answerer_kwargs)
+    return Answerer.from_checkpoint(path, **answerer_kwargs)
 
 
 def export_checkpoint(checkpoint, output, fmt: str, overwrite: bool = False) -> Path:
     """`llava-gm export`: a training checkpoint (or an export) to `fmt` ("hf" or "llava-gm")."""
-    from .model.build import checkpoint_hash, load_checkpoint
+    from .model.build import checkpoint_hash
 
     if Path(output).exists() and not overwrite:  # before minutes of loading
         raise LlavaGMError(f"{output} exists; choose a new output folder or pass --overwrite")
-    model = load_export(checkpoint) if is_export(checkpoint) else load_checkpoint(checkpoint)
+    model = load_model(checkpoint)
     model.eval()
     if fmt == "hf":
         return export_hf(model, output, overwrite)

@@ -20,7 +20,7 @@ from .backbones.language import stop_token_ids
 from .data.conversation import ConversationEncoder
 from .data.features import FeatureCache, encode_images
 from .errors import LlavaGMError
-from .model.build import checkpoint_hash, load_checkpoint
+from .model.build import checkpoint_hash
 from .model.fast_lm import FastLM
 from .precision import bf16_matmul_weights, compute_dtype, use_bf16
 
@@ -77,9 +77,9 @@ class Answerer:
     def from_checkpoint(cls, path: Union[str, Path], dtype: Optional[torch.dtype] = None, device=None, fast: Optional[bool] = None,
                         compile: bool = False) -> "Answerer":
         """A training checkpoint, or a folder of `llava-gm export --format llava-gm` (every command's --checkpoint takes both)."""
-        from .export import is_export, load_export
+        from .export import load_model
 
-        model = load_export(path) if is_export(path) else load_checkpoint(path)
+        model = load_model(path)
         return cls(model, model_id=Path(path).name, checkpoint_hash=checkpoint_hash(path), dtype=dtype, device=device, fast=fast,
                    compile=compile)
 

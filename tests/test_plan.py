@@ -89,21 +89,10 @@ def test_unknown_backbone_is_one_clear_error(tmp_path, capsys):
 def test_plan_matches_measured_peak_on_two_processes(tmp_path, tiny_model_config, stage, strategy):
     """Each of 2 processes (gloo) holds the plan's per-GPU peak within 15%: DDP with its gradient buckets (a second
     fp32 copy of the gradients), FSDP2 with its shards and the layers it gathers."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
+    import launch
     from llava_gm.config import to_dict
 
-    job = tmp_path / "job.json"
-    job.write_text(json.dumps({"model": to_dict(tiny_model_config), "stage": to_dict(stage), "batch": B, "seq_len": T, "labels": LABELS,
-                               "strategy": strategy}))
-    root = Path(__file__).parent.parent
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(Path(__file__).parent / "plan_child.py"), str(job)], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"})
-    assert done.returncode == 0, done.stderr[-3000:]
-    r = json.loads(done.stdout.strip().splitlines()[-1])
+    r = launch.result("plan_child.py", {"model": to_dict(tiny_model_config), "stage": to_dict(stage), "batch": B, "seq_len": T,
+                                        "labels": LABELS, "strategy": strategy}, tmp_path, "job.json")
     print(r)
     assert abs(r["plan"] / r["measured"] - 1) < 0.15, r

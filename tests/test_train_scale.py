@@ -5,7 +5,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -13,23 +12,20 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import launch
+
 from llava_gm.config import StageConfig, to_dict
 from llava_gm.errors import LlavaGMError
 from llava_gm.train.data import epoch_batches, rank_slice
 from llava_gm.train.run import run_stage
 
 QUIET = dict(progress=False, say=lambda m: None)
-CHILD = Path(__file__).parent / "train_child.py"
-ROOT = Path(__file__).parent.parent
+CHILD = "train_child.py"
 
 
-def _child(job: dict, tmp_path: Path, name: str = "job.json", torchrun: int = 0, **popen):
-    (tmp_path / name).write_text(json.dumps(job))
-    cmd = [sys.executable, str(CHILD), str(tmp_path / name)]
-    if torchrun:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(torchrun), "--master_port", "0"] + cmd[1:]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+def _child(job: dict, tmp_path: Path, name: str = "job.json", **popen):
+    cmd = launch.command(CHILD, launch.write_job(job, tmp_path, name))
+    return subprocess.Popen(cmd, env=launch.environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
 
 
 def _weights(path) -> dict:
@@ -161,12 +157,7 @@ def test_memory_does_not_grow_with_the_dataset(tmp_path, tiny_model_config):
 
 
 def _torchrun(job: dict, tmp_path: Path, name: str) -> dict:
-    (tmp_path / name).write_text(json.dumps(job))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(CHILD), str(tmp_path / name)]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return launch.result(CHILD, job, tmp_path, name)
 
 
 def _log(result: dict) -> list:
@@ -257,9 +248,8 @@ def test_killed_two_process_fsdp_run_resumes_to_the_uninterrupted_weights(tmp_pa
     assert whole["steps"] == 4
     base = {"stage": to_dict(stage), "model": to_dict(tiny_model_config), "strategy": "fsdp"}
     out = tmp_path / "run" / "instruct"
-    (tmp_path / "kill.json").write_text(json.dumps({**base, "output": str(out), "save_every": 1, "keep_last": 2, "pause_after_save": 3}))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(CHILD), str(tmp_path / "kill.json")]
-    job = subprocess.Popen(cmd, env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
+    kill = launch.write_job({**base, "output": str(out), "save_every": 1, "keep_last": 2, "pause_after_save": 3}, tmp_path, "kill.json")
+    job = subprocess.Popen(launch.command(CHILD, kill, processes=2), env=launch.environment(), stdout=subprocess.DEVNULL,
                            stderr=subprocess.PIPE, text=True)
     steps = out.with_name("instruct.steps")
     deadline = time.time() + 300
@@ -288,17 +278,14 @@ def test_an_error_on_one_rank_ends_every_rank_with_its_message(tmp_path, tiny_mo
     takes about 15 s on a quiet 2-core host, over 100 s on a heavily shared one)."""
     stage = StageConfig(name="align", data=str(shapes_data), batch_size=4, epochs=1)
     job = {"stage": to_dict(stage), "output": str(tmp_path / "o"), "model": to_dict(tiny_model_config), "fail_on_rank": [1, 3]}
-    (tmp_path / "e.json").write_text(json.dumps(job))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(CHILD), str(tmp_path / "e.json")]
     t0 = time.time()
-    done = subprocess.run(cmd, env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+    done = launch.run(CHILD, job, tmp_path, "e.json", timeout=600)
     assert done.returncode != 0 and "sample s" in done.stderr and "bad image (test: read on rank 1 only)" in done.stderr, done.stderr[-3000:]
     assert not (tmp_path / "o").exists() and done.stdout == "", time.time() - t0
     # an error every rank sees (a missing data file) ends every rank with it
     job = {"stage": to_dict(StageConfig(name="align", data=str(tmp_path / "missing.json"))), "output": str(tmp_path / "o"),
            "model": to_dict(tiny_model_config)}
-    (tmp_path / "e.json").write_text(json.dumps(job))
-    done = subprocess.run(cmd, env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+    done = launch.run(CHILD, job, tmp_path, "e.json", timeout=600)
     assert done.returncode != 0 and done.stderr.count("missing.json: data file not found") >= 2, done.stderr[-3000:]
 
 

@@ -344,13 +344,6 @@ def _regime_of(stage: StageConfig, emb_fp32: bool, lm_fp32: bool) -> Regime:
     return Regime("frozen", emb_fp32, 0, lm_fp32)  # align; sparsify: everything but the sparse layers
 
 
-def _sparse_param_names(lm) -> set[str]:
-    from ..model.sparse import sparse_modules
-
-    ids = {id(m) for m in sparse_modules(lm)}
-    return {f"{prefix}.{n}" for prefix, m in lm.named_modules() if id(m) in ids for n, _ in m.named_parameters()}
-
-
 def _trains(stage: StageConfig, sparse_kind: str) -> str:
     if stage.name == "align":
         return "projector"
@@ -363,7 +356,7 @@ class StageModel:
     """The memory model of one stage: fixed parts computed once, activations as a function of the batch."""
 
     def __init__(self, meta: MetaModel, stage: StageConfig, setup: Setup, trained_before: frozenset = frozenset()):
-        from ..model.sparse import decoder_layers, sparse_modules
+        from ..model.sparse import decoder_layers, sparse_modules, sparse_param_names
         from ..train.stages import plan_stage
 
         self.meta, self.stage, self.setup = meta, stage, setup
@@ -382,7 +375,7 @@ class StageModel:
         # the trainer's precision policy: trainable weights fp32; frozen ones in bf16 unless an earlier stage trained
         # them (they keep the fp32 they were saved in); run_stage counts a new sparse layer as trained when its FFN was
         lm_trained = any(n.startswith("lm.") for n in trained_before)
-        sparse_names = {f"lm.{n}" for n in _sparse_param_names(model.lm)}
+        sparse_names = sparse_param_names(model)
         fp32 = {n for n in params if n in names or n in trained_before or (lm_trained and n in sparse_names)}
         self.frozen_fp32 = sum(p.numel() for n, p in params.items() if n in fp32 and n not in names)
         self.trained_after = set(trained_before) | names | sparse_names

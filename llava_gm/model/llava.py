@@ -125,13 +125,16 @@ class LlavaGM(nn.Module):
         """`lm_loss=0` (with `word_loss`): only the projector's word loss, no LM forward (a word-token stage 1 in seconds)."""
         self._word_probs = None
         embeds = self.embed(input_ids, image_features)
+        words = {}
+        if word_loss and self.cfg.projector.word_tokens:
+            named = self.word_loss(input_ids, labels)
+            if named is not None:
+                words["words"] = word_loss * named
         if not lm_loss:
-            named = self.word_loss(input_ids, labels) if word_loss and self.cfg.projector.word_tokens else None
-            if named is None:
+            if not words:
                 raise LlavaGMError("lm_loss: 0 trains on the word loss alone: it needs word_loss > 0, a word-token projector "
                                    "and answers that name content words")
-            zero = named.new_zeros(())
-            return ForwardOutput(word_loss * named, zero, {"words": word_loss * named}, int((labels != IGNORE_INDEX).sum()))
+            return ForwardOutput(words["words"], words["words"].new_zeros(()), words, int((labels != IGNORE_INDEX).sum()))
         pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         with self.modality(input_ids, (input_ids == IMAGE_TOKEN_ID).any(1), attention_mask):
             hidden = self.decoder(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=pos, use_cache=False).last_hidden_state
@@ -148,9 +151,6 @@ class LlavaGM(nn.Module):
             from .sparse import aux_losses
 
             aux = aux_losses(self.lm)
-        if word_loss and self.cfg.projector.word_tokens:
-            named = self.word_loss(input_ids, labels)
-            if named is not None:
-                aux["words"] = word_loss * named
-        loss = (lm if lm_loss == 1.0 else lm_loss * lm) + sum(aux.values(), lm.new_zeros(()))
+        aux.update(words)
+        loss = lm_loss * lm + sum(aux.values(), lm.new_zeros(()))
         return ForwardOutput(loss, lm, aux, n)

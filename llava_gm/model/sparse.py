@@ -79,6 +79,12 @@ def sparse_modules(lm: nn.Module) -> list["SparseFFN"]:
     return [m for m in lm.modules() if isinstance(m, SparseFFN)]
 
 
+def sparse_param_names(root: nn.Module) -> set[str]:
+    """Names (as in root.named_parameters()) of every parameter of the sparse layers under `root`."""
+    ids = {id(m) for m in sparse_modules(root)}
+    return {f"{prefix}.{n}" for prefix, m in root.named_modules() if id(m) in ids for n, _ in m.named_parameters()}
+
+
 # ---- pure routing functions (unit-tested on hand-made tables) -------------------------------------
 def capacity(assignments: int, num_experts: int, factor: float) -> int:
     """Slots per expert: ceil(factor * assignments / num_experts); assignments = k * tokens (MoE) or tokens (EVF)."""

@@ -42,11 +42,16 @@ def setup() -> Ranks:
 
 def all_sum(values: list[float], ranks: Ranks) -> list[float]:
     """Element-wise sum over ranks (fp64, so sums of per-rank sums stay exact enough to compare runs)."""
+    return all_sum_tensor(torch.tensor(values, dtype=torch.float64), ranks).tolist()
+
+
+def all_sum_tensor(t: torch.Tensor, ranks: Ranks) -> torch.Tensor:
+    """Element-wise sum over ranks of a tensor (reduced on the rank's device, returned where it came from)."""
     if ranks.world == 1:
-        return list(values)
-    t = torch.tensor(values, dtype=torch.float64, device=ranks.device)
-    dist.all_reduce(t)
-    return t.tolist()
+        return t
+    moved = t.to(ranks.device)
+    dist.all_reduce(moved)
+    return moved.to(t.device)
 
 
 def gather(obj, ranks: Ranks) -> list:

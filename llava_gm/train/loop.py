@@ -20,7 +20,7 @@ from ..errors import LlavaGMError
 from ..model.sparse import global_aux_losses
 from .checkpoint import StepCheckpoints
 from .data import StageBatches, StageDataset, epoch_batches, make_loader
-from .distributed import Ranks, all_sum, barrier, gather
+from .distributed import Ranks, all_sum, all_sum_tensor, barrier, gather
 from .precision import train_precision
 
 
@@ -133,8 +133,6 @@ def train_loop(model, stage: StageConfig, dataset: StageDataset, trainable: list
     ranks, say = settings.ranks, settings.say
     device = ranks.device
     policy = train_precision(device, stage.precision)
-    if settings.strategy not in ("ddp", "fsdp"):
-        raise LlavaGMError(f"strategy {settings.strategy!r}: use ddp or fsdp")
     fsdp = settings.strategy == "fsdp" and ranks.world > 1  # one process: nothing to shard
     if settings.activation_checkpointing:
         from .sharding import checkpoint_layers
@@ -207,7 +205,7 @@ def train_loop(model, stage: StageConfig, dataset: StageDataset, trainable: list
             if ranks.world > 1:  # the loss of the global batch: each rank's tokens weigh in, as on one process
                 targets, lm_sum = all_sum([batch["targets"], lm * batch["targets"]], ranks)
                 if model.sparse_layers:  # balance and z losses over all ranks' routing, as on one process
-                    out.aux = {**out.aux, **global_aux_losses(model.lm, lambda t: _all_reduce(t, ranks), ranks.world)}
+                    out.aux = {**out.aux, **global_aux_losses(model.lm, lambda t: all_sum_tensor(t, ranks), ranks.world)}
                 loss = stage.lm_loss * out.lm_loss * (batch["targets"] * ranks.world / targets) + sum(out.aux.values(), torch.zeros((), device=device))
                 lm = lm_sum / targets
             if sparse_params:
@@ -269,14 +267,6 @@ def train_loop(model, stage: StageConfig, dataset: StageDataset, trainable: list
         gather_weights(model)
     model.eval()
     return log
-
-
-def _all_reduce(t: torch.Tensor, ranks: Ranks) -> torch.Tensor:
-    import torch.distributed as dist
-
-    t = t.to(ranks.device)
-    dist.all_reduce(t)
-    return t.cpu()
 
 
 def _stop_non_finite(stage, step, total, loss, grad_norm, ids, settings: RunSettings):

@@ -19,6 +19,7 @@ from ..data.features import FeatureCache
 from ..data.llava_json import load_samples
 from ..errors import LlavaGMError
 from ..model.build import apply_sparse, build_model, load_checkpoint, save_checkpoint
+from ..model.sparse import sparse_param_names
 from . import distributed
 from .checkpoint import StepCheckpoints
 from .data import StageDataset
@@ -41,19 +42,6 @@ def _drop_bad_images(samples, failed: dict, stage: StageConfig, skipped, data: s
         else:
             kept.append(s)
     return kept
-
-
-def _sparse_param_names(model) -> set[str]:
-    """Every parameter of the sparse layers: their frozen copies carry stage-2 weights, so they are saved too."""
-    from ..model.sparse import decoder_layers
-
-    layers = decoder_layers(model.lm)
-    mlps = {id(layers[i].mlp) for i in model.sparse_layers}
-    names = set()
-    for mname, module in model.named_modules():
-        if id(module) in mlps:
-            names |= {f"{mname}.{n}" for n, _ in module.named_parameters()}
-    return names
 
 
 def _loss_plot(steps: list[dict], title: str) -> bytes:
@@ -175,7 +163,7 @@ def _run(stage, output, model_cfg, init, sparse, progress, say, ranks, steps, re
             raise LlavaGMError("stage sparsify needs a sparse layer kind: --sparse moe|evf (or model.sparse.kind in the recipe)")
         model.cfg.sparse = sparse
         apply_sparse(model)
-        model.trained_keys |= _sparse_param_names(model)
+        model.trained_keys |= sparse_param_names(model)  # their frozen copies carry stage-2 weights: saved too
         say(f"sparse layers ({sparse.kind}) at decoder layers {model.sparse_layers}")
     device = ranks.device
     model.to(device)
